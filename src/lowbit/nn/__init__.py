@@ -1,0 +1,17 @@
+"""Quantized modules: the ``TensorQuantizer`` and quantized twins of Conv / Linear layers."""
+
+from lowbit.nn.modules import (
+    QUANT_MODULES,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantLayerMixin,
+    QuantLinear,
+    from_float,
+)
+from lowbit.nn.quantizer import QuantState, TensorQuantizer, unsigned_variant
+
+__all__ = [
+    "QUANT_MODULES", "QuantConv1d", "QuantConv2d", "QuantConvTranspose2d", "QuantLayerMixin", "QuantLinear",
+    "QuantState", "TensorQuantizer", "from_float", "unsigned_variant",
+]

@@ -1,0 +1,187 @@
+"""Quantized wrappers of Conv1d / Conv2d / ConvTranspose2d / Linear.
+
+Each wrapper *is* its float class (same parameters, same state-dict keys) plus three quantizers with the
+same names everywhere: ``input_quantizer``, ``weight_quantizer``, ``output_quantizer``. ``from_float``
+builds one from a float module, ``to_float`` gives the float module back. ``QUANT_MODULES`` maps float
+class → quantized class.
+
+When frozen, the forward pass is
+
+    y = op(Q_in(x), Q_w(W), Q_b(b))          with Q_b(b) = round(b / (s_in · s_w)) · s_in · s_w
+
+i.e. the bias is rounded to the int32 grid ONNX Runtime uses, so simulation and engine agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.core import QuantSpec
+from lowbit.nn.onnx_ops import DQ, code_dtype
+from lowbit.nn.quantizer import TensorQuantizer
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+class QuantLayerMixin:
+    """Shared behaviour of every quantized layer."""
+
+    weight_axis: int = 0
+
+    def _init_quantizers(self, name: str, weight: QuantSpec | None, inp: QuantSpec | None) -> None:
+        self.layer_name = name
+        self.input_quantizer = TensorQuantizer(inp, f"{name}.input_quantizer")
+        self.weight_quantizer = TensorQuantizer(weight, f"{name}.weight_quantizer")
+        self.output_quantizer = TensorQuantizer(None, f"{name}.output_quantizer")
+        self.export_mode = False
+        # The quantizer that actually quantizes this layer's input: our own, or a shared one placed on the
+        # input tensor by the graph pass (kept out of the module tree on purpose: it is owned elsewhere).
+        self.__dict__["_upstream_input_quantizer"] = None
+
+    def set_upstream_input_quantizer(self, quantizer: TensorQuantizer | None) -> None:
+        """Declare that ``quantizer`` (owned by the graph) quantizes this layer's input tensor."""
+        self.__dict__["_upstream_input_quantizer"] = quantizer
+
+    def effective_input_quantizer(self) -> TensorQuantizer | None:
+        """The active quantizer of this layer's input, wherever it lives, or None."""
+        for q in (self.input_quantizer, self.__dict__["_upstream_input_quantizer"]):
+            if q is not None and q.is_active:
+                return q
+        return None
+
+    def bias_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """int32 bias grid ``s_b = s_in · s_w`` (per output channel), or None when not fully quantized."""
+        q_in = self.effective_input_quantizer()
+        if self.bias is None or q_in is None or not self.weight_quantizer.is_active:
+            return None
+        s_w = self.weight_quantizer.scale
+        scale = (q_in.scale.reshape(()) * s_w).reshape(-1)
+        if scale.numel() == 1:
+            scale = scale.expand(self.bias.numel())
+        return scale.contiguous(), torch.zeros(self.bias.numel(), dtype=torch.int32)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        grid = self.bias_qparams()
+        if grid is None:
+            return self.bias
+        s_b = grid[0]
+        return torch.clamp(torch.round(self.bias / s_b), INT32_MIN, INT32_MAX) * s_b
+
+    def export_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias as ``DequantizeLinear`` of integer constants (for ONNX export)."""
+        wq = self.weight_quantizer
+        if not wq.is_active:
+            return self.weight, self.bias
+        codes = wq.quantize_codes(self.weight.detach()).to(code_dtype(wq.spec.bits, wq.spec.signed))
+        axis = wq.onnx_axis(self.weight.ndim)
+        scale = wq.scale if axis is not None else wq.scale.reshape(())
+        zp = wq.typed_zero_point() if axis is not None else wq.typed_zero_point().reshape(())
+        weight = DQ.apply(codes, scale, zp, axis)
+        grid = self.bias_qparams()
+        if grid is None:
+            return weight, self.bias
+        s_b, z_b = grid
+        b_codes = torch.clamp(torch.round(self.bias.detach() / s_b), INT32_MIN, INT32_MAX).to(torch.int32)
+        return weight, DQ.apply(b_codes, s_b, z_b, 0)
+
+    def _weight_and_bias(self):
+        if self.export_mode:
+            return self.export_weight_and_bias()
+        return self.quantized_weight(), self.quantized_bias()
+
+    def to_float(self) -> nn.Module:
+        """A plain float module sharing this layer's (float) parameters."""
+        base = _copy_module(self)
+        base.__class__ = self._float_class
+        for key in ("input_quantizer", "weight_quantizer", "output_quantizer"):
+            base._modules.pop(key, None)
+        for key in ("layer_name", "export_mode", "_upstream_input_quantizer"):
+            base.__dict__.pop(key, None)
+        return base
+
+
+def _swap_class(mod: nn.Module, cls: type, name: str, weight: QuantSpec | None, inp: QuantSpec | None):
+    mod = _copy_module(mod)
+    mod.__class__ = cls
+    mod._init_quantizers(name, weight, inp)
+    return mod
+
+
+def _copy_module(mod: nn.Module) -> nn.Module:
+    new = mod.__class__.__new__(mod.__class__)
+    new.__dict__ = mod.__dict__.copy()
+    new._parameters = dict(mod._parameters)
+    new._buffers = dict(mod._buffers)
+    new._modules = dict(mod._modules)
+    return new
+
+
+class QuantConv1d(QuantLayerMixin, nn.Conv1d):
+    """Conv1d with quantized input and weight (weight channel axis 0)."""
+
+    _float_class = nn.Conv1d
+
+    def forward(self, x):
+        w, b = self._weight_and_bias()
+        return self.output_quantizer(self._conv_forward(self.input_quantizer(x), w, b))
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """Conv2d with quantized input and weight (weight channel axis 0)."""
+
+    _float_class = nn.Conv2d
+
+    def forward(self, x):
+        w, b = self._weight_and_bias()
+        return self.output_quantizer(self._conv_forward(self.input_quantizer(x), w, b))
+
+
+class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
+    """ConvTranspose2d with quantized input and weight (weight layout [in, out/groups, kh, kw]: axis 1)."""
+
+    _float_class = nn.ConvTranspose2d
+    weight_axis = 1
+
+    def bias_qparams(self):
+        grid = super().bias_qparams()
+        if grid is None or self.groups == 1:
+            return grid
+        raise NotImplementedError(f"{self.layer_name}: grouped ConvTranspose2d is not supported")
+
+    def forward(self, x, output_size=None):
+        w, b = self._weight_and_bias()
+        x = self.input_quantizer(x)
+        pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        y = F.conv_transpose2d(x, w, b, self.stride, self.padding, pad, self.groups, self.dilation)
+        return self.output_quantizer(y)
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """Linear with quantized input and weight (weight channel axis 0)."""
+
+    _float_class = nn.Linear
+
+    def forward(self, x):
+        w, b = self._weight_and_bias()
+        return self.output_quantizer(F.linear(self.input_quantizer(x), w, b))
+
+
+QUANT_MODULES: dict[type, type] = {
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.Linear: QuantLinear,
+}
+
+
+def from_float(mod: nn.Module, name: str, weight: QuantSpec | None, inp: QuantSpec | None) -> nn.Module:
+    """The quantized twin of ``mod`` (sharing its parameters), with quantizers built from the specs."""
+    cls = QUANT_MODULES.get(type(mod))
+    if cls is None:
+        raise TypeError(f"layer {name}: no quantized version of {type(mod).__name__}")
+    return _swap_class(mod, cls, name, weight, inp)

@@ -1,0 +1,127 @@
+"""Fold BatchNorm into the preceding Conv / Linear.
+
+For an eval-mode BatchNorm ``y = γ (x - μ) / sqrt(σ² + ε) + β`` after ``x = W * u + b``:
+
+    k  = γ / sqrt(σ² + ε)                 (one factor per output channel)
+    W' = W · k                            (along the weight's output-channel axis)
+    b' = (b - μ) · k + β
+
+so that ``W' * u + b' == BN(W * u + b)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fold_bn_weights(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    out_axis: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure fold of BatchNorm statistics into weight and bias (see module docstring).
+
+    Args:
+        weight: conv / linear weight.
+        bias: its bias, or None (treated as 0).
+        mean, var, eps, gamma, beta: the BatchNorm's running statistics and affine parameters
+            (``gamma``/``beta`` None when the BN has no affine part).
+        out_axis: the weight's output-channel axis (1 for ConvTranspose).
+
+    Returns:
+        ``(W', b')``.
+    """
+    k = torch.rsqrt(var + eps)
+    if gamma is not None:
+        k = gamma * k
+    shape = [1] * weight.ndim
+    shape[out_axis] = -1
+    new_weight = weight * k.reshape(shape)
+    b = torch.zeros_like(mean) if bias is None else bias
+    new_bias = (b - mean) * k
+    if beta is not None:
+        new_bias = new_bias + beta
+    return new_weight, new_bias
+
+
+def _out_axis(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
+
+
+def fold_into(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold ``bn`` into ``layer`` in place (``layer`` gains a bias if it had none)."""
+    if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and layer.groups != 1:
+        raise ValueError("cannot fold BatchNorm into a grouped ConvTranspose")
+    with torch.no_grad():
+        w, b = fold_bn_weights(
+            layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
+            bn.weight if bn.affine else None, bn.bias if bn.affine else None, _out_axis(layer),
+        )
+        layer.weight.copy_(w)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(b)
+        else:
+            layer.bias.copy_(b)
+
+
+def _foldable_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Module, nn.Module] | None:
+    if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), BATCHNORMS):
+        return None
+    prev = node.args[0] if node.args else None
+    if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+        return None
+    layer = gm.get_submodule(prev.target)
+    if not isinstance(layer, FOLDABLE):
+        return None
+    return prev, layer, gm.get_submodule(node.target)
+
+
+def fold_bn_graph(gm: fx.GraphModule) -> list[str]:
+    """Fold every BatchNorm that directly follows a Conv/Linear in a traced graph; returns folded BN names."""
+    folded = []
+    for node in list(gm.graph.nodes):
+        pair = _foldable_pair(gm, node)
+        if pair is None:
+            continue
+        prev, layer, bn = pair
+        if bn.training:
+            raise ValueError(f"BatchNorm {node.target} is in training mode; call model.eval() before prepare_")
+        fold_into(layer, bn)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        folded.append(str(node.target))
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    log.info("folded %d BatchNorm layers", len(folded))
+    return folded
+
+
+def fold_bn_sequential(model: nn.Module) -> list[str]:
+    """Module-level fallback: fold BN that follows a Conv/Linear inside ``nn.Sequential`` containers."""
+    folded = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            layer, bn = parent._modules[a], parent._modules[b]
+            if isinstance(layer, FOLDABLE) and isinstance(bn, BATCHNORMS):
+                fold_into(layer, bn)
+                parent._modules[b] = nn.Identity()
+                folded.append(f"{parent_name}.{b}" if parent_name else b)
+    return folded

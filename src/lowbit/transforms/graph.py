@@ -1,0 +1,170 @@
+"""Graph capture (torch.fx): find every op an all-int8 graph quantizes and put quantizers on its inputs.
+
+Module swap alone cannot see ``x + y``, ``torch.cat`` or ``a @ b``; the traced graph can. The pass:
+
+1. collects *sites*: Conv/Linear modules, residual adds, concats, matmuls and pools, each with the tensors
+   it consumes and the specs the recipe gives it;
+2. puts ONE quantizer on each consumed tensor (shared by every quantized consumer with the same spec, so
+   the exported graph has one Q/DQ pair per tensor and ONNX Runtime can fuse producer and consumer);
+3. gives the quantizer its producer's known range: after ReLU the tensor is non-negative (unsigned codes on
+   ONNX Runtime), after ReLU6 its range is clipped to [0, 6].
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.core import QuantSpec
+from lowbit.nn import QUANT_MODULES, TensorQuantizer, unsigned_variant
+from lowbit.transforms.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+FUNCTION_KINDS = {
+    operator.add: "add", torch.add: "add", operator.iadd: "add",
+    torch.cat: "cat", torch.concat: "cat",
+    torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
+    F.adaptive_avg_pool2d: "pool", F.avg_pool2d: "pool", F.max_pool2d: "pool",
+}
+METHOD_KINDS = {"add": "add", "matmul": "matmul"}
+POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d, nn.MaxPool1d)
+FLOAT_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", torch.sigmoid: "sigmoid", F.softmax: "softmax",
+                   F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh", F.layer_norm: "layer_norm"}
+
+
+@dataclass
+class Site:
+    """An op whose inputs are quantized."""
+
+    name: str
+    kind: str
+    node: fx.Node
+    inputs: list[fx.Node]
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+
+
+@dataclass
+class GraphPlan:
+    """What the pass found: quantized sites, shared activation quantizers, and what stays float (and why)."""
+
+    sites: list[Site] = field(default_factory=list)
+    float_layers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _tensor_args(node: fx.Node, kind: str) -> list[fx.Node]:
+    if kind == "cat":
+        seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        return [a for a in seq if isinstance(a, fx.Node)]
+    args = list(node.args[:2]) if kind in ("add", "matmul") else list(node.args[:1])
+    return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr"]
+
+
+def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
+    """``(layer name, type name)`` of a quantizable node, or None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) in QUANT_MODULES:
+            return str(node.target), type(mod).__name__
+        if isinstance(mod, POOL_MODULES):
+            return str(node.target), "pool"
+    elif node.op == "call_function" and node.target in FUNCTION_KINDS:
+        return node.name, FUNCTION_KINDS[node.target]
+    elif node.op == "call_method" and node.target in METHOD_KINDS:
+        return node.name, METHOD_KINDS[node.target]
+    return None
+
+
+def find_sites(gm: fx.GraphModule, recipe: Recipe) -> GraphPlan:
+    """Walk the graph once and resolve the recipe for every quantizable op."""
+    plan = GraphPlan()
+    for node in gm.graph.nodes:
+        found = _classify(gm, node)
+        if found is None:
+            if node.op == "call_function" and node.target in FLOAT_FUNCTIONS:
+                plan.float_layers.append((node.name, f"{FLOAT_FUNCTIONS[node.target]}: no int8 kernel, runs in float"))
+            continue
+        name, kind = found
+        weight, inp = recipe.resolve(name, kind)
+        if kind in ("add", "cat", "matmul", "pool"):
+            weight = None
+            inputs = _tensor_args(node, kind)
+            if kind == "add" and len(inputs) < 2:
+                continue  # x + constant: nothing to quantize jointly
+        else:
+            inputs = _tensor_args(node, kind)
+        if weight is None and inp is None:
+            plan.float_layers.append((name, "kept in float by a recipe rule"))
+            continue
+        plan.sites.append(Site(name, kind, node, inputs, weight, inp))
+    return plan
+
+
+def producer_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """Known output range of ``node``: ``(0, None)`` after ReLU, ``(0, 6)`` after ReLU6, Hardtanh bounds."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.ReLU6):
+            return (0.0, 6.0)
+        if isinstance(mod, nn.Hardtanh):
+            return (float(mod.min_val), float(mod.max_val))
+        if isinstance(mod, nn.ReLU):
+            return (0.0, None)
+    elif node.op == "call_function":
+        if node.target is F.relu6:
+            return (0.0, 6.0)
+        if node.target in (F.relu, torch.relu):
+            return (0.0, None)
+    elif node.op == "call_method" and node.target == "relu":
+        return (0.0, None)
+    return None
+
+
+def _activation_spec(spec: QuantSpec, bounds: tuple | None, recipe: Recipe) -> QuantSpec:
+    if bounds is not None and bounds[0] is not None and bounds[0] >= 0 and recipe.target == "onnxruntime":
+        return unsigned_variant(spec)
+    return spec
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe) -> dict[str, list[str]]:
+    """Insert one shared quantizer per (tensor, spec) consumed by a quantized site.
+
+    Returns:
+        layer name → names of the quantizers on its inputs (``lowbit_act.<key>``).
+    """
+    holder = nn.ModuleDict()
+    gm.add_module("lowbit_act", holder)
+    demands: dict[tuple[fx.Node, QuantSpec], list[Site]] = {}
+    for site in plan.sites:
+        if site.input is None:
+            continue
+        for arg in site.inputs:
+            spec = _activation_spec(site.input, producer_bounds(gm, arg), recipe)
+            demands.setdefault((arg, spec), []).append(site)
+    layer_inputs: dict[str, list[str]] = {}
+    for (arg, spec), sites in demands.items():
+        qname = f"{sites[0].name}.input_quantizer"
+        key = _key(sites[0].name + ("" if len(sites[0].inputs) == 1 else f"_{sites[0].inputs.index(arg)}"))
+        quantizer = TensorQuantizer(spec, qname, bounds=producer_bounds(gm, arg))
+        quantizer.consumers = [s.name for s in sites]
+        holder[key] = quantizer
+        with gm.graph.inserting_after(arg):
+            qnode = gm.graph.call_module(f"lowbit_act.{key}", (arg,))
+        for site in sites:
+            site.node.replace_input_with(arg, qnode)
+            layer_inputs.setdefault(site.name, []).append(f"lowbit_act.{key}")
+    gm.graph.lint()
+    gm.recompile()
+    return layer_inputs

@@ -1,0 +1,239 @@
+"""``Recipe``: what the user, the search and YAML files all speak.
+
+A recipe holds the default weight and input specs, ordered per-layer rules (first match wins), the target
+runtime and the post-training passes. Layer rules match a layer by
+
+* ``type:Conv2d`` — the module's class name (or ``type:add`` / ``type:cat`` / ``type:matmul`` for
+  functional ops),
+* ``re:<regex>`` — a regular expression on the qualified layer name (``re.fullmatch``),
+* anything else — a shell glob on the qualified layer name (``features.*.conv``).
+
+A rule whose ``weight`` and ``input`` are both ``None`` keeps the layer in float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit.core import PerChannel, PerTensor, QuantSpec
+from lowbit.transforms.spec_yaml import spec_from_dict, spec_to_dict
+
+TARGETS = ("onnxruntime", "tensorrt")
+PASSES = ("cle", "bias_correction", "adaround", "gptq")
+
+
+def _matches(pattern: str, name: str, type_name: str) -> bool:
+    if pattern.startswith("type:"):
+        return pattern[5:] == type_name
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Per-layer override; ``weight`` / ``input`` None means that tensor stays float."""
+
+    pattern: str
+    weight: QuantSpec | None
+    input: QuantSpec | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"rule pattern must be a non-empty string, got {self.pattern!r}")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as exc:
+                raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {exc}") from None
+
+    @property
+    def keeps_float(self) -> bool:
+        """True when this rule keeps the layer entirely in float."""
+        return self.weight is None and self.input is None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults, ordered rules, target runtime and post-training passes."""
+
+    default_weight: QuantSpec
+    default_input: QuantSpec
+    rules: tuple[LayerRule, ...] = ()
+    target: str = "onnxruntime"
+    passes: tuple[str, ...] = ()
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"recipe target must be one of {TARGETS}, got {self.target!r}")
+        bad = [p for p in self.passes if p not in PASSES]
+        if bad:
+            raise ValueError(f"unknown pass {bad[0]!r}; known passes: {', '.join(PASSES)}")
+        if self.version != 1:
+            raise ValueError(f"recipe version {self.version} is not supported (only 1)")
+        if not isinstance(self.rules, tuple):
+            object.__setattr__(self, "rules", tuple(self.rules))
+        if self.target == "tensorrt":
+            self._check_tensorrt()
+
+    def _check_tensorrt(self) -> None:
+        specs = [("default weight", self.default_weight), ("default input", self.default_input)]
+        specs += [(f"rule {r.pattern!r} {k}", s) for r in self.rules for k, s in (("weight", r.weight), ("input", r.input))]
+        for where, spec in specs:
+            if spec is not None and (not spec.symmetric or not spec.signed):
+                raise ValueError(f"target tensorrt needs signed symmetric quantization; {where} is not")
+
+    def resolve(self, name: str, type_name: str) -> tuple[QuantSpec | None, QuantSpec | None]:
+        """``(weight_spec, input_spec)`` for one layer: the first matching rule, else the defaults."""
+        for rule in self.rules:
+            if _matches(rule.pattern, name, type_name):
+                return rule.weight, rule.input
+        return self.default_weight, self.default_input
+
+    def with_calibrator(self, calibrator: str) -> Recipe:
+        """The same recipe with ``calibrator`` for every activation (input) spec."""
+        rules = tuple(
+            replace(r, input=None if r.input is None else replace(r.input, calibrator=calibrator)) for r in self.rules
+        )
+        return replace(self, default_input=replace(self.default_input, calibrator=calibrator), rules=rules)
+
+    def with_rules(self, *rules: LayerRule) -> Recipe:
+        """The same recipe with ``rules`` placed before the existing ones (they win)."""
+        return replace(self, rules=tuple(rules) + self.rules)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> Recipe:
+        """Load a recipe from a YAML file (or a preset name); see :func:`load_recipe`."""
+        return load_recipe(source)
+
+    def to_yaml(self) -> str:
+        """This recipe as YAML text (round-trips through ``from_yaml``)."""
+        return dump_recipe(self)
+
+    def keep_float(self, *patterns: str) -> Recipe:
+        """The same recipe with the matching layers kept in float."""
+        return self.with_rules(*(LayerRule(p, None, None) for p in patterns))
+
+
+INT8_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, granularity=PerChannel(0), calibrator="minmax")
+UINT8_ACT = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor(), calibrator="percentile")
+
+PRESETS: dict[str, Recipe] = {
+    "int8": Recipe(default_weight=INT8_WEIGHT, default_input=UINT8_ACT),
+    "int8-per-tensor": Recipe(
+        default_weight=replace(INT8_WEIGHT, granularity=PerTensor()),
+        default_input=replace(UINT8_ACT, calibrator="minmax"),
+    ),
+    "tensorrt-int8": Recipe(
+        default_weight=replace(INT8_WEIGHT, narrow_range=True),
+        default_input=QuantSpec(bits=8, signed=True, symmetric=True, calibrator="entropy"),
+        target="tensorrt",
+    ),
+}
+
+
+def preset(name: str) -> Recipe:
+    """A built-in recipe by name (``int8``, ``int8-per-tensor``, ``tensorrt-int8``)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+
+RECIPE_KEYS = ("version", "target", "passes", "weight", "input", "rules")
+RULE_KEYS = ("pattern", "weight", "input", "float")
+
+
+def _rule_spec(raw: Any, base: QuantSpec, where: str) -> QuantSpec | None:
+    if raw == "float" or raw is None:
+        return None
+    return spec_from_dict(raw, base, where)
+
+
+def _rule_from_dict(raw: Any, recipe_weight: QuantSpec, recipe_input: QuantSpec, where: str) -> LayerRule:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping with 'pattern', got {raw!r}")
+    unknown = sorted(set(raw) - set(RULE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(RULE_KEYS)}")
+    if "pattern" not in raw:
+        raise ValueError(f"{where}: missing key 'pattern'")
+    if raw.get("float", False) is True:
+        if "weight" in raw or "input" in raw:
+            raise ValueError(f"{where}: 'float: true' cannot be combined with 'weight' or 'input'")
+        return LayerRule(str(raw["pattern"]), None, None)
+    weight = _rule_spec(raw.get("weight", {}), recipe_weight, f"{where}.weight")
+    inp = _rule_spec(raw.get("input", {}), recipe_input, f"{where}.input")
+    return LayerRule(str(raw["pattern"]), weight, inp)
+
+
+def recipe_from_dict(raw: Any, where: str = "recipe") -> Recipe:
+    """Build a recipe from its YAML dict; missing top-level keys come from the ``int8`` preset."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(RECIPE_KEYS)}")
+    base = PRESETS["int8"]
+    weight = spec_from_dict(raw.get("weight", {}), base.default_weight, f"{where}.weight")
+    inp = spec_from_dict(raw.get("input", {}), base.default_input, f"{where}.input")
+    rules_raw = raw.get("rules", []) or []
+    if not isinstance(rules_raw, list):
+        raise ValueError(f"{where}.rules: expected a list, got {rules_raw!r}")
+    rules = tuple(_rule_from_dict(r, weight, inp, f"{where}.rules[{i}]") for i, r in enumerate(rules_raw))
+    passes = raw.get("passes", []) or []
+    if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
+        raise ValueError(f"{where}.passes: expected a list of pass names, got {passes!r}")
+    try:
+        return Recipe(weight, inp, rules, target=raw.get("target", "onnxruntime"), passes=tuple(passes),
+                      version=raw.get("version", 1))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The full YAML dict of ``recipe`` (round-trips through ``recipe_from_dict``)."""
+    rules = []
+    for r in recipe.rules:
+        if r.keeps_float:
+            rules.append({"pattern": r.pattern, "float": True})
+            continue
+        rules.append({
+            "pattern": r.pattern,
+            "weight": "float" if r.weight is None else spec_to_dict(r.weight),
+            "input": "float" if r.input is None else spec_to_dict(r.input),
+        })
+    return {
+        "version": recipe.version,
+        "target": recipe.target,
+        "passes": list(recipe.passes),
+        "weight": spec_to_dict(recipe.default_weight),
+        "input": spec_to_dict(recipe.default_input),
+        "rules": rules,
+    }
+
+
+def load_recipe(source: str | Path) -> Recipe:
+    """A preset name or a YAML file path → Recipe (YAML read with ``safe_load``; errors name the file)."""
+    if isinstance(source, str) and source in PRESETS:
+        return PRESETS[source]
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"recipe {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"recipe file {path}: malformed YAML: {str(exc).splitlines()[0]}") from None
+    return recipe_from_dict(raw, where=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text of ``recipe``."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
