@@ -23,6 +23,8 @@ from lowbit.nn.onnx_ops import DQ, code_dtype
 from lowbit.nn.quantizer import TensorQuantizer
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# Largest |bias code| we allow: engines add the int32 bias to the int32 accumulator, so leave 2^30 of room.
+BIAS_CODE_LIMIT = 2**30
 
 
 class QuantLayerMixin:
@@ -62,6 +64,23 @@ class QuantLayerMixin:
             scale = scale.expand(self.bias.numel())
         return scale.contiguous(), torch.zeros(self.bias.numel(), dtype=torch.int32)
 
+    def fit_bias_range_(self) -> int:
+        """Raise weight scales so every bias code fits: ``s_w ≥ |b| / (s_in · 2^30)`` (per output channel).
+
+        A channel whose weights are almost zero (dead after BatchNorm folding) would otherwise get a tiny
+        ``s_w`` and a bias code beyond int32, which engines wrap around. Returns the number of channels raised.
+        """
+        q_in, wq = self.effective_input_quantizer(), self.weight_quantizer
+        if self.bias is None or q_in is None or not wq.is_active or not wq.spec.symmetric:
+            return 0
+        need = self.bias.detach().abs() / (q_in.scale.reshape(()) * BIAS_CODE_LIMIT)
+        scale = wq.scale if wq.scale.ndim else wq.scale.expand_as(need)
+        raised = need > scale
+        if raised.any():
+            new = torch.maximum(scale, need)
+            wq.set_qparams(new if wq.scale.ndim else new.max().reshape(()), wq.zero_point)
+        return int(raised.sum().item())
+
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
@@ -72,22 +91,39 @@ class QuantLayerMixin:
         s_b = grid[0]
         return torch.clamp(torch.round(self.bias / s_b), INT32_MIN, INT32_MAX) * s_b
 
+    def export_tensors(self) -> dict[str, torch.Tensor | int | None]:
+        """Integer weight / bias codes and their qparams as plain constants (computed once, before tracing).
+
+        They must not be computed while ``torch.onnx.export`` traces, or the rounding would be traced as
+        graph ops on float weights instead of becoming integer initializers.
+        """
+        wq = self.weight_quantizer
+        with torch.no_grad():
+            codes = wq.quantize_codes(self.weight).to(code_dtype(wq.spec.bits, wq.spec.signed))
+            axis = wq.onnx_axis(self.weight.ndim)
+            zp = wq.typed_zero_point()
+            out = {
+                "w_codes": codes, "w_axis": axis,
+                "w_scale": wq.scale.clone() if axis is not None else wq.scale.reshape(()).clone(),
+                "w_zp": zp if axis is not None else zp.reshape(()),
+                "b_codes": None,
+            }
+            grid = self.bias_qparams()
+            if grid is not None:
+                s_b, z_b = grid
+                out["b_codes"] = torch.clamp(torch.round(self.bias / s_b), INT32_MIN, INT32_MAX).to(torch.int32)
+                out["b_scale"], out["b_zp"] = s_b.clone(), z_b
+        return out
+
     def export_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias as ``DequantizeLinear`` of integer constants (for ONNX export)."""
-        wq = self.weight_quantizer
-        if not wq.is_active:
+        if not self.weight_quantizer.is_active:
             return self.weight, self.bias
-        codes = wq.quantize_codes(self.weight.detach()).to(code_dtype(wq.spec.bits, wq.spec.signed))
-        axis = wq.onnx_axis(self.weight.ndim)
-        scale = wq.scale if axis is not None else wq.scale.reshape(())
-        zp = wq.typed_zero_point() if axis is not None else wq.typed_zero_point().reshape(())
-        weight = DQ.apply(codes, scale, zp, axis)
-        grid = self.bias_qparams()
-        if grid is None:
+        t = self.__dict__.get("_export_tensors") or self.export_tensors()
+        weight = DQ.apply(t["w_codes"], t["w_scale"], t["w_zp"], t["w_axis"])
+        if t["b_codes"] is None:
             return weight, self.bias
-        s_b, z_b = grid
-        b_codes = torch.clamp(torch.round(self.bias.detach() / s_b), INT32_MIN, INT32_MAX).to(torch.int32)
-        return weight, DQ.apply(b_codes, s_b, z_b, 0)
+        return weight, DQ.apply(t["b_codes"], t["b_scale"], t["b_zp"], 0)
 
     def _weight_and_bias(self):
         if self.export_mode:

@@ -159,12 +159,17 @@ class TensorQuantizer(nn.Module):
             return g.axis % ndim
         raise NotImplementedError(f"quantizer {self.qname}: per-group activations cannot be exported")
 
+    def export_tensors(self) -> dict:
+        """Scale, typed zero-point and axis as plain constants (computed once, before tracing)."""
+        zp = self.typed_zero_point()
+        if isinstance(self.spec.granularity, PerTensor):
+            return {"scale": self.scale.reshape(()).clone(), "zp": zp.reshape(())}
+        return {"scale": self.scale.clone(), "zp": zp}
+
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.onnx_axis(x.ndim)
-        scale = self.scale if axis is not None else self.scale.reshape(())
-        zp = self.typed_zero_point()
-        zp = zp if axis is not None else zp.reshape(())
-        return QDQ.apply(x, scale, zp, axis, self.spec.qmin, self.spec.qmax)
+        t = self.__dict__.get("_export_tensors") or self.export_tensors()
+        return QDQ.apply(x, t["scale"], t["zp"], axis, self.spec.qmin, self.spec.qmax)
 
 
 def unsigned_variant(spec: QuantSpec) -> QuantSpec:

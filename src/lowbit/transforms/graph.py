@@ -36,6 +36,12 @@ FUNCTION_KINDS = {
 }
 METHOD_KINDS = {"add": "add", "matmul": "matmul"}
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d, nn.MaxPool1d)
+# Ops that only move data (or pad with zeros, which is exactly representable): a quantizer on their output
+# is placed on their input instead, so the engine sees ``producer → Q → DQ → pad/flatten → consumer`` and
+# can fuse the producer (and fold the pad into the conv).
+PASS_MODULES = (nn.ZeroPad2d, nn.Dropout, nn.Identity, nn.Flatten)
+PASS_FUNCTIONS = (torch.flatten, F.dropout, torch.reshape)
+PASS_METHODS = ("flatten", "view", "reshape", "contiguous")
 FLOAT_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", torch.sigmoid: "sigmoid", F.softmax: "softmax",
                    F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh", F.layer_norm: "layer_norm"}
 
@@ -128,6 +134,37 @@ def producer_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return None
 
 
+def _is_pass_through(gm: fx.GraphModule, node: fx.Node, zero_is_code_zero: bool) -> bool:
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.ZeroPad2d) and not zero_is_code_zero:
+            return False  # engines pad fused convs with code 0, which is real 0 only when z = 0
+        return isinstance(mod, PASS_MODULES)
+    if node.op == "call_function":
+        return node.target in PASS_FUNCTIONS
+    return node.op == "call_method" and node.target in PASS_METHODS
+
+
+def quantization_point(
+    gm: fx.GraphModule, arg: fx.Node, consumer: fx.Node, spec: QuantSpec
+) -> tuple[fx.Node, fx.Node]:
+    """Where a quantizer for ``arg`` (as consumed by ``consumer``) goes: ``(source tensor, node to rewire)``.
+
+    Walks up through pass-through ops; the quantizer is placed on the source tensor and the first op of
+    the chain (or the consumer itself) reads the quantized tensor. Zero padding is crossed only when the
+    zero-point is known to be 0 (symmetric spec, or a non-negative producer with an unsigned spec).
+    """
+    user = consumer
+    while True:
+        bounds = producer_bounds(gm, arg.args[0]) if arg.args and isinstance(arg.args[0], fx.Node) else None
+        nonneg = bounds is not None and bounds[0] is not None and bounds[0] >= 0
+        if not _is_pass_through(gm, arg, spec.symmetric or nonneg):
+            return arg, user
+        user, arg = arg, arg.args[0]
+
+
 def _activation_spec(spec: QuantSpec, bounds: tuple | None, recipe: Recipe) -> QuantSpec:
     if bounds is not None and bounds[0] is not None and bounds[0] >= 0 and recipe.target == "onnxruntime":
         return unsigned_variant(spec)
@@ -146,25 +183,30 @@ def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Re
     """
     holder = nn.ModuleDict()
     gm.add_module("lowbit_act", holder)
-    demands: dict[tuple[fx.Node, QuantSpec], list[Site]] = {}
+    demands: dict[tuple[fx.Node, QuantSpec], list[tuple[Site, fx.Node, fx.Node]]] = {}
     for site in plan.sites:
         if site.input is None:
             continue
         for arg in site.inputs:
-            spec = _activation_spec(site.input, producer_bounds(gm, arg), recipe)
-            demands.setdefault((arg, spec), []).append(site)
+            src, user = quantization_point(gm, arg, site.node, site.input)
+            spec = _activation_spec(site.input, producer_bounds(gm, src), recipe)
+            demands.setdefault((src, spec), []).append((site, user, arg))
     layer_inputs: dict[str, list[str]] = {}
-    for (arg, spec), sites in demands.items():
-        qname = f"{sites[0].name}.input_quantizer"
-        key = _key(sites[0].name + ("" if len(sites[0].inputs) == 1 else f"_{sites[0].inputs.index(arg)}"))
-        quantizer = TensorQuantizer(spec, qname, bounds=producer_bounds(gm, arg))
-        quantizer.consumers = [s.name for s in sites]
+    for (src, spec), uses in demands.items():
+        first, _, first_arg = uses[0]
+        qname = f"{first.name}.input_quantizer"
+        suffix = "" if len(first.inputs) == 1 else f"_{first.inputs.index(first_arg)}"
+        key = _key(first.name + suffix)
+        quantizer = TensorQuantizer(spec, qname, bounds=producer_bounds(gm, src))
+        quantizer.consumers = sorted({site.name for site, _, _ in uses})
         holder[key] = quantizer
-        with gm.graph.inserting_after(arg):
-            qnode = gm.graph.call_module(f"lowbit_act.{key}", (arg,))
-        for site in sites:
-            site.node.replace_input_with(arg, qnode)
-            layer_inputs.setdefault(site.name, []).append(f"lowbit_act.{key}")
+        with gm.graph.inserting_after(src):
+            qnode = gm.graph.call_module(f"lowbit_act.{key}", (src,))
+        for site, user, _ in uses:
+            user.replace_input_with(src, qnode)
+            names = layer_inputs.setdefault(site.name, [])
+            if f"lowbit_act.{key}" not in names:
+                names.append(f"lowbit_act.{key}")
     gm.graph.lint()
     gm.recompile()
     return layer_inputs

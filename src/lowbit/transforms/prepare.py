@@ -162,4 +162,8 @@ def convert_(model: nn.Module) -> nn.Module:
     for _, q in quantizers(model):
         if q.state is QuantState.CALIBRATING:
             q.freeze()
+    for name, layer in quant_layers(model):
+        raised = layer.fit_bias_range_()
+        if raised:
+            log.info("%s: raised %d weight scales so int32 bias codes fit", name, raised)
     return model

@@ -1,0 +1,122 @@
+"""ONNX export with QuantizeLinear / DequantizeLinear.
+
+Activations become ``Q → DQ`` pairs on the tensors our quantizers sit on; weights become integer
+initializers behind a ``DQ`` (int8, per-channel axis where needed), biases int32 initializers with
+``s_b = s_in · s_w`` — the QDQ form ONNX Runtime fuses into QLinearConv / QLinearMatMul and TensorRT's
+explicit quantization accepts. Files are written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from lowbit.nn import QuantLayerMixin, TensorQuantizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module):
+    """Switch quantizers and quantized layers to their ONNX form for the duration of the block."""
+    mods = [m for m in model.modules() if isinstance(m, (TensorQuantizer, QuantLayerMixin))]
+    for m in mods:
+        m.export_mode = True
+        active = m.is_active if isinstance(m, TensorQuantizer) else m.weight_quantizer.is_active
+        m.__dict__["_export_tensors"] = m.export_tensors() if active else None
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.export_mode = False
+            m.__dict__.pop("_export_tensors", None)
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module):
+    """Run ``model`` in float: every quantizer passes its tensor through (qparams are kept)."""
+    qs = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    before = [q.enabled for q in qs]
+    for q in qs:
+        q.enabled = False
+    try:
+        yield model
+    finally:
+        for q, was in zip(qs, before):
+            q.enabled = was
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def to_onnx_model(model: nn.Module, example_input: torch.Tensor, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Trace ``model`` (quantizers in ONNX form) into an in-memory ONNX model with a dynamic batch axis."""
+    buf = io.BytesIO()
+    model.eval()
+    with export_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example_input,), buf, dynamo=False, opset_version=opset,
+            input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, do_constant_folding=True,
+        )
+    proto = onnx.load_model_from_string(buf.getvalue())
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    target: str = "onnxruntime",
+    opset: int = DEFAULT_OPSET,
+    float_model: bool = False,
+) -> Path:
+    """Export a converted model to ONNX with Q/DQ nodes (or in float with ``float_model=True``).
+
+    Args:
+        model: a prepared, calibrated and converted model.
+        example_input: one input batch (its batch size becomes dynamic).
+        path: output ``.onnx`` file (written atomically).
+        target: ``onnxruntime`` or ``tensorrt``; a ``tensorrt`` export also needs ``write_trt_calibration_cache``.
+        opset: ONNX opset (≥ 13 for per-channel Q/DQ).
+        float_model: export with every quantizer disabled (the FP32 baseline of the same graph).
+
+    Returns:
+        the written path.
+    """
+    if opset < 13:
+        raise ValueError(f"opset {opset} < 13 cannot express per-channel QuantizeLinear")
+    if target not in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"unknown export target {target!r}; use onnxruntime or tensorrt")
+    path = Path(path)
+    ctx = quantizers_disabled(model) if float_model else contextlib.nullcontext()
+    with ctx:
+        proto = to_onnx_model(model, example_input, opset)
+    proto.producer_name = "lowbit"
+    atomic_write_bytes(path, proto.SerializeToString())
+    log.info("wrote %s (%d nodes)", path, len(proto.graph.node))
+    return path

@@ -1,0 +1,88 @@
+"""Render a PTQ report as JSON and Markdown.
+
+``report.json`` keys (at least): ``metric_fp32``, ``metric_int8``, ``top1_agreement``, ``kl``, ``sqnr_db``,
+``size_bytes_fp32``, ``size_bytes_int8``, ``latency_ms_fp32_b1``, ``latency_ms_int8_b1``,
+``latency_ms_fp32_b32``, ``latency_ms_int8_b32``, ``parity_ok``, ``float_layers``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+REQUIRED_KEYS = (
+    "metric_fp32", "metric_int8", "top1_agreement", "kl", "sqnr_db", "size_bytes_fp32", "size_bytes_int8",
+    "latency_ms_fp32_b1", "latency_ms_int8_b1", "latency_ms_fp32_b32", "latency_ms_int8_b32", "parity_ok",
+    "float_layers",
+)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def to_json(report: dict) -> str:
+    """JSON text; non-finite floats (an identical output has SQNR = inf) are written as strings."""
+    missing = [k for k in REQUIRED_KEYS if k not in report]
+    if missing:
+        raise ValueError(f"report is missing key {missing[0]!r}")
+    return json.dumps(_json_safe(report), indent=2) + "\n"
+
+
+def summary_rows(r: dict) -> list[tuple[str, str, str]]:
+    """(measure, FP32, INT8) rows shared by the Markdown report and the terminal table."""
+    speed1 = r["latency_ms_fp32_b1"] / r["latency_ms_int8_b1"]
+    speed32 = r["latency_ms_fp32_b32"] / r["latency_ms_int8_b32"]
+    return [
+        (f"metric ({r.get('metric_name', 'metric')})", f"{r['metric_fp32']:.4f}", f"{r['metric_int8']:.4f}"),
+        ("top-1 agreement with FP32", "1.0000", f"{r['top1_agreement']:.4f}"),
+        ("KL(FP32 ‖ INT8), nats", "0", f"{r['kl']:.5f}"),
+        ("output SQNR, dB (higher is better)", "∞", f"{r['sqnr_db']:.2f}"),
+        ("output cosine", "1.0000", f"{r['cosine']:.5f}"),
+        ("output MSE", "0", f"{r['mse']:.3g}"),
+        ("model size, bytes", f"{r['size_bytes_fp32']:,}", f"{r['size_bytes_int8']:,} ({r['size_bytes_fp32'] / r['size_bytes_int8']:.2f}x smaller)"),
+        ("latency batch 1, ms (median)", f"{r['latency_ms_fp32_b1']:.2f}", f"{r['latency_ms_int8_b1']:.2f} ({speed1:.2f}x)"),
+        ("latency batch 32, ms (median)", f"{r['latency_ms_fp32_b32']:.2f}", f"{r['latency_ms_int8_b32']:.2f} ({speed32:.2f}x)"),
+    ]
+
+
+def to_markdown(r: dict) -> str:
+    """A human-readable Markdown report."""
+    lines = [
+        f"# lowbit INT8 report: {r.get('model', 'model')}",
+        "",
+        f"Recipe `{r.get('recipe', '?')}`, calibrator `{r.get('calibrator', '?')}`, target `{r.get('target', '?')}`; "
+        f"{r.get('eval_samples', '?')} evaluation samples{(' — ' + r['eval_note']) if r.get('eval_note') else ''}. "
+        f"All INT8 figures are measured on ONNX Runtime {r.get('onnxruntime_version', '')} running `model_int8.onnx` "
+        f"with {r.get('threads', '?')} threads.",
+        "",
+        "| measure | FP32 | INT8 |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(r)]
+    par = r.get("parity", {})
+    lines += [
+        "",
+        "## Parity: PyTorch simulation vs ONNX Runtime",
+        "",
+        f"{'OK' if r['parity_ok'] else 'FAILED'}: {par.get('fraction_within_step', 0) * 100:.3f}% of "
+        f"{par.get('elements', 0):,} output elements agree within one output step ({par.get('step', 0):.4g}); "
+        f"max difference {par.get('max_abs_diff', 0):.4g}. Simulated INT8 metric: {r.get('metric_int8_simulated', float('nan')):.4f}.",
+        "",
+        f"ONNX Runtime executes {r.get('int8_kernels', 0)} integer kernels: "
+        + ", ".join(f"{k} x{v}" for k, v in r.get("executed_op_types", {}).items()),
+        "",
+        "## Layers left in float",
+        "",
+    ]
+    if r["float_layers"]:
+        lines += [f"- `{f['layer']}`: {f['reason']}" for f in r["float_layers"]]
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
