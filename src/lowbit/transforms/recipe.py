@@ -14,6 +14,7 @@ A rule whose ``weight`` and ``input`` are both ``None`` keeps the layer in float
 from __future__ import annotations
 
 import fnmatch
+import platform
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -122,13 +123,32 @@ class Recipe:
         return self.with_rules(*(LayerRule(p, None, None) for p in patterns))
 
 
+def cpu_has_int8_dot_product() -> bool:
+    """True when this CPU multiplies u8 x s8 without 16-bit saturation (VNNI / AMX on x86, any Arm CPU).
+
+    On x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernels add pairs of products in int16 with
+    saturation (``vpmaddubsw``): two 8-bit weights times activations near 255 overflow, and the engine's
+    output silently departs from the model. 7-bit weights (``[-64, 63]``, ONNX Runtime's ``reduce_range``)
+    cannot overflow.
+    """
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"))
+
+
+ORT_WEIGHT_BITS = 8 if cpu_has_int8_dot_product() else 7
 INT8_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, granularity=PerChannel(0), calibrator="minmax")
 UINT8_ACT = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor(), calibrator="percentile")
 
+# int8 presets for ONNX Runtime keep weights in int8 containers but use 7 bits on CPUs without VNNI.
 PRESETS: dict[str, Recipe] = {
-    "int8": Recipe(default_weight=INT8_WEIGHT, default_input=UINT8_ACT),
+    "int8": Recipe(default_weight=replace(INT8_WEIGHT, bits=ORT_WEIGHT_BITS), default_input=UINT8_ACT),
     "int8-per-tensor": Recipe(
-        default_weight=replace(INT8_WEIGHT, granularity=PerTensor()),
+        default_weight=replace(INT8_WEIGHT, bits=ORT_WEIGHT_BITS, granularity=PerTensor()),
         default_input=replace(UINT8_ACT, calibrator="minmax"),
     ),
     "tensorrt-int8": Recipe(

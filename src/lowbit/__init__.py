@@ -1,0 +1,25 @@
+"""lowbit: take a PyTorch model to INT8 and ship it — calibrate, quantize, export ONNX Q/DQ, report honestly.
+
+Python API::
+
+    import lowbit
+    recipe = lowbit.preset("int8")
+    qmodel = lowbit.prepare_(model.eval(), recipe, example_input)
+    lowbit.calibrate(qmodel, calibration_batches)
+    lowbit.convert_(qmodel)
+    lowbit.export_onnx(qmodel, example_input, "model_int8.onnx")
+"""
+
+from lowbit.core import PerChannel, PerGroup, PerTensor, QuantSpec
+from lowbit.export.onnx_export import export_onnx
+from lowbit.export.trt_cache import write_trt_calibration_cache
+from lowbit.pipeline import __version__, quantize, quantize_to_dir
+from lowbit.ptq.calibrate import calibrate
+from lowbit.transforms.prepare import convert_, prepare_
+from lowbit.transforms.recipe import PRESETS, LayerRule, Recipe, load_recipe, preset
+
+__all__ = [
+    "PRESETS", "LayerRule", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "Recipe", "__version__", "calibrate",
+    "convert_", "export_onnx", "load_recipe", "prepare_", "preset", "quantize", "quantize_to_dir",
+    "write_trt_calibration_cache",
+]

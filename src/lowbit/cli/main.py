@@ -1,0 +1,115 @@
+"""``lowbit`` command line: thin wrappers that build a Recipe and call one public function.
+
+    lowbit quantize --model M --data D --recipe R --calibrator C --out DIR [--eval module:function] [--force]
+    lowbit demo [--out DIR]
+
+Every failure the user can fix prints one line ``lowbit: error: ...`` naming the culprit and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from lowbit.cli.sources import SourceError, load_data_source, load_eval_fn, load_model_source
+from lowbit.observers import OBSERVERS
+from lowbit.pipeline import OutputExistsError, quantize_to_dir
+from lowbit.report.evaluate import EvalSet
+from lowbit.report.render import summary_rows
+from lowbit.transforms.recipe import PRESETS, load_recipe
+
+log = logging.getLogger("lowbit")
+console = Console(stderr=False)
+
+
+def _add_quantize_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument("--model", required=True, help="zoo name (efficientnet-lite0, digits-cnn) or package.module:callable")
+        p.add_argument("--data", required=True, help="zoo data (photos, digits), an image folder, or a .npy/.pt file")
+        p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
+        p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")
+        p.add_argument("--out", required=True, type=Path, help="output folder")
+        p.add_argument("--eval", default=None, help="package.module:function(predict) -> metric")
+        p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224")
+    else:
+        p.add_argument("--out", type=Path, default=Path("lowbit-demo"), help="output folder (default lowbit-demo)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--n-calib", type=int, default=None, help="number of calibration samples")
+    p.add_argument("--n-eval", type=int, default=None, help="number of evaluation samples")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads for every measurement")
+    p.add_argument("--repeats", type=int, default=20, help="latency repeats (median reported)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="PyTorch model → INT8 ONNX, measured honestly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize_args(sub.add_parser("quantize", help="post-training quantization to INT8 ONNX with a report"))
+    _add_quantize_args(sub.add_parser("demo", help="quantize efficientnet-lite0 on the built-in photos"), demo=True)
+    return parser
+
+
+def print_report(report: dict, out_dir: Path) -> None:
+    """The terminal table comparing FP32 and INT8."""
+    table = Table(title=f"lowbit: {report.get('model')} → INT8 ({report.get('recipe')}, {report.get('calibrator')})")
+    for col in ("measure", "FP32", "INT8 (ONNX Runtime)"):
+        table.add_column(col)
+    for row in summary_rows(report):
+        table.add_row(*row)
+    par = report["parity"]
+    table.add_row("parity sim vs engine", "", f"{'OK' if report['parity_ok'] else 'FAILED'} "
+                  f"({par['fraction_within_step'] * 100:.2f}% within one output step)")
+    table.add_row("layers left in float", "", str(len(report["float_layers"])))
+    console.print(table)
+    console.print(f"wrote {out_dir}/ (model_fp32.onnx, model_int8.onnx, recipe.yaml, report.json, report.md)")
+
+
+def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, recipe_spec: str) -> int:
+    recipe = load_recipe(recipe_spec)
+    calibrator = getattr(args, "calibrator", None)
+    if calibrator:
+        recipe = recipe.with_calibrator(calibrator)
+    src = load_model_source(model_spec, getattr(args, "input_shape", None))
+    calib, ev = load_data_source(data_spec, src, args.n_calib, args.n_eval)
+    eval_fn = load_eval_fn(getattr(args, "eval", None))
+    if eval_fn is not None:
+        ev = EvalSet(ev.inputs, ev.labels, eval_fn, metric_name=getattr(args, "eval"), note=ev.note)
+    labels = {"model": src.name, "data": data_spec, "recipe": recipe_spec,
+              "calibrator": recipe.default_input.calibrator}
+    result = quantize_to_dir(src.model, src.example_input, calib, recipe, args.out, ev, force=args.force,
+                             labels=labels, threads=args.threads, repeats=args.repeats)
+    print_report(result.report, result.out_dir)
+    return 0
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], format="%(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.debug)
+    try:
+        if args.command == "demo":
+            return run_quantize(args, "efficientnet-lite0", "photos", "int8")
+        return run_quantize(args, args.model, args.data, args.recipe)
+    except (SourceError, OutputExistsError, ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        if args.debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lowbit: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Where the CLI gets its model, data and evaluation function from.
+
+Model ``M``: a zoo name (``efficientnet-lite0``, ``digits-cnn``) or ``package.module:callable`` returning an
+``nn.Module`` (or a ``(module, example_input)`` pair). Data ``D``: a zoo data name (``photos``,
+``digits``), a folder of images, or a ``.npy`` / ``.pt`` tensor file of inputs ``[N, ...]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from lowbit import zoo
+from lowbit.zoo.efficientnet import MEAN_RGB, STD_RGB
+from lowbit.report.evaluate import EvalFn, EvalSet
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class SourceError(ValueError):
+    """A model, data or eval source the CLI cannot use (the message names it)."""
+
+
+@dataclass
+class ModelSource:
+    name: str
+    model: nn.Module
+    example_input: torch.Tensor
+    zoo_name: str | None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` or ``"3x224x224"`` → a shape with a batch dim of 1."""
+    try:
+        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise SourceError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise SourceError(f"--input-shape {text!r}: dimensions must be positive")
+    return dims if len(dims) >= 2 and dims[0] == 1 else (1, *dims)
+
+
+def _import_callable(spec: str, what: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SourceError(f"{what} {spec!r}: expected 'package.module:callable'")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except Exception as exc:  # noqa: BLE001 — any import failure is reported in one line
+        raise SourceError(f"cannot load {what} {spec!r}: {type(exc).__name__}: {exc}") from None
+
+
+def load_model_source(spec: str, input_shape: str | None) -> ModelSource:
+    """Resolve ``--model`` (and ``--input-shape``) into a float eval-mode model and an example input."""
+    if spec in zoo.MODEL_NAMES:
+        zm = zoo.load_model(spec)
+        return ModelSource(spec, zm.model, zm.example_input, spec)
+    if ":" not in spec:
+        raise SourceError(f"model {spec!r} is neither a zoo model ({', '.join(zoo.MODEL_NAMES)}) nor 'module:callable'")
+    factory = _import_callable(spec, "model")
+    try:
+        made = factory()
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"model {spec!r} failed to build: {type(exc).__name__}: {exc}") from None
+    model, example = (made if isinstance(made, tuple) else (made, None))
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"model {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if input_shape is not None:
+        example = torch.randn(parse_shape(input_shape))
+    if example is None:
+        raise SourceError(f"model {spec!r} gives no example input: pass --input-shape")
+    return ModelSource(spec, model.eval(), example, None)
+
+
+def _load_image(path: Path, size: tuple[int, int]) -> np.ndarray | None:
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def load_image_folder(folder: Path, example: torch.Tensor, zoo_name: str | None) -> torch.Tensor:
+    """Images of a folder resized to the model's input; corrupt or non-image files are skipped and counted.
+
+    Pixels are scaled to [0, 1]; for the zoo's EfficientNet-Lite0 its own ``(pixel - 127) / 128`` is applied.
+    """
+    if example.ndim != 4 or example.shape[1] != 3:
+        raise SourceError(f"data folder {folder}: images need a model input of shape [N, 3, H, W], got {tuple(example.shape)}")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    arrays, skipped = [], 0
+    for path in files:
+        arr = _load_image(path, tuple(example.shape[2:])) if path.suffix.lower() in IMAGE_SUFFIXES else None
+        skipped += arr is None
+        if arr is not None:
+            arrays.append(arr)
+    if not arrays:
+        raise SourceError(f"data folder {folder}: no readable image among {len(files)} files")
+    if skipped:
+        log.warning("data folder %s: skipped %d of %d files (not images or corrupt)", folder, skipped, len(files))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if zoo_name == "efficientnet-lite0":
+        mean = torch.tensor(MEAN_RGB).view(1, 3, 1, 1)
+        std = torch.tensor(STD_RGB).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+def load_tensor_file(path: Path) -> torch.Tensor:
+    """A ``.npy`` (numpy) or ``.pt`` (``torch.load(weights_only=True)``) tensor of inputs."""
+    try:
+        if path.suffix == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            data = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"data file {path}: cannot read it: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, torch.Tensor):
+        raise SourceError(f"data file {path}: expected one tensor, got {type(data).__name__}")
+    return data.float()
+
+
+def load_data_source(spec: str, model: ModelSource, n_calib: int | None, n_eval: int | None) -> tuple[torch.Tensor, EvalSet]:
+    """Resolve ``--data`` into calibration inputs and the evaluation set."""
+    if spec in zoo.DATA_NAMES:
+        zd = zoo.load_data(spec, n_calib=n_calib, n_eval=n_eval)
+        metric = "accuracy" if zd.eval_labels is not None else "top1_agreement"
+        calib, ev = zd.calib, EvalSet(zd.eval_inputs, zd.eval_labels, metric_name=metric, note=f"zoo data '{spec}'")
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            x = load_image_folder(path, model.example_input, model.zoo_name)
+        elif path.is_file() and path.suffix in (".npy", ".pt"):
+            x = load_tensor_file(path)
+        else:
+            raise SourceError(f"data {spec!r} is not a zoo data set ({', '.join(zoo.DATA_NAMES)}), a folder, or a .npy/.pt file")
+        calib = x[:n_calib] if n_calib else x
+        ev = EvalSet(x[:n_eval] if n_eval else x, note="evaluated on the calibration data (no held-out set given)")
+    check_shapes(spec, calib, model)
+    return calib, ev
+
+
+def check_shapes(spec: str, data: torch.Tensor, model: ModelSource) -> None:
+    """Fail early with one line when the data's sample shape does not fit the model's input."""
+    want = tuple(model.example_input.shape[1:])
+    got = tuple(data.shape[1:])
+    if got != want:
+        raise SourceError(f"data {spec!r} has samples of shape {got}, model {model.name!r} expects {want}")
+
+
+def load_eval_fn(spec: str | None) -> EvalFn | None:
+    """``--eval module:function``; the function receives ``predict(x) -> logits`` and returns a float."""
+    return None if spec is None else _import_callable(spec, "eval function")

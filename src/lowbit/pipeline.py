@@ -1,0 +1,150 @@
+"""The main job: float model + calibration data + recipe → INT8 ONNX that ONNX Runtime runs, and a report.
+
+    prepare_ → calibrate → convert_ → export FP32 and INT8 ONNX → measure both on ONNX Runtime → write DIR
+
+Everything is written into a staging folder beside ``DIR`` and renamed into place at the end, so a failure
+leaves nothing partial, and an existing ``DIR`` is replaced only with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime
+import torch
+from torch import nn
+
+from lowbit.export.onnx_export import export_onnx
+from lowbit.export.trt_cache import write_trt_calibration_cache
+from lowbit.ptq.calibrate import Data, calibrate
+from lowbit.report.evaluate import EvalSet, evaluate_pair
+from lowbit.report.render import to_json, to_markdown
+from lowbit.transforms.prepare import convert_, prepare_
+from lowbit.transforms.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+__version__ = "0.1.0"
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and ``force`` was not given."""
+
+
+@dataclass
+class PTQResult:
+    """What ``quantize_to_dir`` produced."""
+
+    model: nn.Module
+    report: dict
+    out_dir: Path
+
+
+def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
+             show_progress: bool = True) -> nn.Module:
+    """prepare_ → calibrate → convert_ on a copy of ``model``; returns the converted (fake-quantized) model."""
+    prepared = prepare_(copy.deepcopy(model).eval(), recipe, example_input)
+    calibrate(prepared, calib_data, show_progress=show_progress)
+    return convert_(prepared)
+
+
+def machine_description() -> str:
+    """CPU model name and core count, for reports and benchmarks."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an existing, non-empty output folder unless ``force``."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise OutputExistsError(f"output {out_dir} already exists; pass --force to replace it")
+
+
+def _commit_dir(staging: Path, out_dir: Path) -> None:
+    backup = None
+    if out_dir.exists():
+        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, backup)
+    os.replace(staging, out_dir)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
+
+
+def _float_layers(model: nn.Module) -> list[dict]:
+    info = getattr(model, "lowbit_info", None)
+    return [{"layer": name, "reason": why} for name, why in (info.float_layers if info else [])]
+
+
+def _write_outputs(staging: Path, model: nn.Module, example: torch.Tensor, recipe: Recipe) -> tuple[Path, Path]:
+    fp32_path, int8_path = staging / "model_fp32.onnx", staging / "model_int8.onnx"
+    export_onnx(model, example, fp32_path, target=recipe.target, float_model=True)
+    export_onnx(model, example, int8_path, target=recipe.target)
+    if recipe.target == "tensorrt":
+        write_trt_calibration_cache(int8_path, staging / "calibration.cache")
+    (staging / "recipe.yaml").write_text(recipe.to_yaml())
+    return fp32_path, int8_path
+
+
+def quantize_to_dir(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    calib_data: Data,
+    recipe: Recipe,
+    out_dir: str | Path,
+    eval_set: EvalSet,
+    force: bool = False,
+    labels: dict | None = None,
+    threads: int = 2,
+    repeats: int = 20,
+    show_progress: bool = True,
+) -> PTQResult:
+    """Run the whole PTQ job and write ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.yaml``,
+    ``report.json``, ``report.md`` (and ``calibration.cache`` for target tensorrt) into ``out_dir``.
+
+    Args:
+        labels: extra descriptive fields for the report (``model``, ``recipe``, ``calibrator``, ...).
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        t0 = time.perf_counter()
+        qmodel = quantize(model, calib_data, recipe, example_input, show_progress)
+        calib_seconds = time.perf_counter() - t0
+        fp32_path, int8_path = _write_outputs(staging, qmodel, example_input, recipe)
+        report = dict(labels or {})
+        report.update(evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats))
+        report.update({
+            "target": recipe.target,
+            "calib_seconds": calib_seconds,
+            "float_layers": _float_layers(qmodel),
+            "lowbit_version": __version__,
+            "onnxruntime_version": onnxruntime.__version__,
+            "torch_version": torch.__version__,
+            "machine": machine_description(),
+            "date": _dt.date.today().isoformat(),
+        })
+        (staging / "report.json").write_text(to_json(report))
+        (staging / "report.md").write_text(to_markdown(report))
+        _commit_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return PTQResult(qmodel, report, out_dir)
