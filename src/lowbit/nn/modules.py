@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import QuantSpec
+from lowbit.core import PerTensor
+from lowbit.nn.engine import codes_of, requantize
 from lowbit.nn.onnx_ops import DQ, code_dtype
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -45,6 +47,38 @@ class QuantLayerMixin:
     def set_upstream_input_quantizer(self, quantizer: TensorQuantizer | None) -> None:
         """Declare that ``quantizer`` (owned by the graph) quantizes this layer's input tensor."""
         self.__dict__["_upstream_input_quantizer"] = quantizer
+
+    def set_engine_output(self, quantizer: TensorQuantizer | None) -> None:
+        """Declare the quantizer the engine fuses onto this layer's output (QLinearConv / QLinearMatMul)."""
+        self.__dict__["_engine_output"] = quantizer
+
+    def _engine_ready(self) -> bool:
+        q_out = self.__dict__.get("_engine_output")
+        return (
+            q_out is not None and q_out.is_active and isinstance(q_out.spec.granularity, PerTensor)
+            and self.effective_input_quantizer() is not None and self.weight_quantizer.is_active
+            and not self.export_mode and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        )
+
+    def _engine_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Bit-exact emulation of the engine's integer kernel + requantization (see ``nn.engine``)."""
+        q_in, q_out, wq = self.effective_input_quantizer(), self.__dict__["_engine_output"], self.weight_quantizer
+        a = codes_of(x, q_in.scale)
+        w_scale, w_zp = wq.expanded(self.weight.shape)
+        w = (wq.quantize_codes(self.weight) - w_zp).double()
+        grid = self.bias_qparams()
+        b = None
+        if grid is not None:
+            b = torch.clamp(torch.round(self.bias.detach() / grid[0]), INT32_MIN, INT32_MAX).double()
+        acc = self._integer_op(a, w, b)
+        z = int(q_out.zero_point)
+        q = requantize(acc, q_in.scale, wq.scale, q_out.scale, z, q_out.spec.qmin, q_out.spec.qmax, self._channel_dim)
+        return ((q - z) * q_out.scale.reshape(())).float()
+
+    _channel_dim = 1
+
+    def _integer_op(self, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(a, w, b)
 
     def effective_input_quantizer(self) -> TensorQuantizer | None:
         """The active quantizer of this layer's input, wherever it lives, or None."""
@@ -163,6 +197,8 @@ class QuantConv1d(QuantLayerMixin, nn.Conv1d):
     _float_class = nn.Conv1d
 
     def forward(self, x):
+        if self._engine_ready():
+            return self._engine_forward(x)
         w, b = self._weight_and_bias()
         return self.output_quantizer(self._conv_forward(self.input_quantizer(x), w, b))
 
@@ -173,6 +209,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     _float_class = nn.Conv2d
 
     def forward(self, x):
+        if self._engine_ready():
+            return self._engine_forward(x)
         w, b = self._weight_and_bias()
         return self.output_quantizer(self._conv_forward(self.input_quantizer(x), w, b))
 
@@ -201,8 +239,14 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     """Linear with quantized input and weight (weight channel axis 0)."""
 
     _float_class = nn.Linear
+    _channel_dim = -1
+
+    def _integer_op(self, a, w, b):
+        return F.linear(a, w, b)
 
     def forward(self, x):
+        if self._engine_ready():
+            return self._engine_forward(x)
         w, b = self._weight_and_bias()
         return self.output_quantizer(F.linear(self.input_quantizer(x), w, b))
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import QuantSpec
-from lowbit.nn import QUANT_MODULES, TensorQuantizer, unsigned_variant
+from lowbit.nn import QUANT_MODULES, QuantLayerMixin, TensorQuantizer, unsigned_variant
+from lowbit.nn.functional import QuantAdd
 from lowbit.transforms.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -210,3 +211,62 @@ def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Re
     gm.graph.lint()
     gm.recompile()
     return layer_inputs
+
+
+def _act_quantizer(gm: fx.GraphModule, node: fx.Node) -> TensorQuantizer | None:
+    if node.op == "call_module" and str(node.target).startswith("lowbit_act."):
+        return gm.get_submodule(node.target)
+    return None
+
+
+def _fused_producer(gm: fx.GraphModule, src: fx.Node) -> fx.Node:
+    """The node the engine fuses with a quantizer on ``src``: through a ReLU/ReLU6 it removes, when the
+    quantizer's codes start at real 0 (unsigned, zero-point 0)."""
+    bounds = producer_bounds(gm, src)
+    if bounds is not None and bounds[0] == 0 and src.args and isinstance(src.args[0], fx.Node):
+        inner = src.args[0]
+        if len(inner.users) == 1:
+            return inner
+    return src
+
+
+def link_engine_kernels(gm: fx.GraphModule) -> int:
+    """Tell layers and adds which quantizer the engine fuses onto their output, so the simulation can
+    emulate the engine's integer kernels exactly (see ``lowbit.nn.engine``). Returns the links made."""
+    links = 0
+    for qnode in list(gm.graph.nodes):
+        q_out = _act_quantizer(gm, qnode)
+        if q_out is None or q_out.spec is None:
+            continue
+        src = qnode.args[0]
+        unsigned_relu = producer_bounds(gm, src) is not None and not q_out.spec.signed and q_out.spec.symmetric
+        prod = _fused_producer(gm, src) if unsigned_relu else src
+        if len(src.users) != 1 or len(prod.users) != 1:
+            continue
+        if prod.op == "call_module" and isinstance(gm.get_submodule(prod.target), QuantLayerMixin):
+            layer = gm.get_submodule(prod.target)
+            if type(layer).__name__ in ("QuantConv1d", "QuantConv2d", "QuantLinear"):
+                layer.set_engine_output(q_out)
+                links += 1
+        elif prod is src and _link_add(gm, prod, q_out):
+            links += 1
+    gm.recompile()
+    return links
+
+
+def _link_add(gm: fx.GraphModule, node: fx.Node, q_out: TensorQuantizer) -> bool:
+    if not (node.op == "call_function" and FUNCTION_KINDS.get(node.target) == "add" and len(node.args) == 2):
+        return False
+    ins = [a if isinstance(a, fx.Node) else None for a in node.args]
+    quants = [_act_quantizer(gm, a) if a is not None else None for a in ins]
+    if any(q is None for q in quants) or node.kwargs:
+        return False
+    mod = QuantAdd(node.name)
+    mod.set_engine_quantizers(quants[0], quants[1], q_out)
+    key = _key(f"add_{node.name}")
+    gm.get_submodule("lowbit_act").add_module(key, mod)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(f"lowbit_act.{key}", tuple(ins))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return True

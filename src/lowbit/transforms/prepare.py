@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from lowbit.core import PerChannel, QuantSpec
 from lowbit.nn import QUANT_MODULES, QuantLayerMixin, QuantState, TensorQuantizer, from_float
 from lowbit.transforms.bn_fold import fold_bn_graph, fold_bn_sequential
-from lowbit.transforms.graph import find_sites, insert_activation_quantizers
+from lowbit.transforms.graph import find_sites, insert_activation_quantizers, link_engine_kernels
 from lowbit.transforms.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ def _prepare_traced(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
         qmod.set_upstream_input_quantizer(gm.get_submodule(ups[0]) if ups else None)
         _set_module(gm, site.name, qmod)
     gm.recompile()
+    if recipe.target == "onnxruntime":
+        log.info("linked %d layers to exact engine-kernel emulation", link_engine_kernels(gm))
     return info
 
 
