@@ -15,7 +15,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lowbit demo
+	$(VENV)/bin/lowbit demo --out lowbit-demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest

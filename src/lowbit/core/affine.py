@@ -65,16 +65,16 @@ def expand_qparams(param: torch.Tensor, shape: torch.Size | tuple[int, ...], gra
     """
     if isinstance(granularity, PerTensor):
         return param.reshape(())
+    if not isinstance(granularity, (PerChannel, PerGroup)):
+        raise TypeError(f"unknown granularity {granularity!r}")
     ndim = len(shape)
     axis = granularity.axis % ndim
     if isinstance(granularity, PerChannel):
         view = [1] * ndim
         view[axis] = shape[axis]
         return param.reshape(view)
-    if isinstance(granularity, PerGroup):
-        full = param.repeat_interleave(granularity.size, dim=axis)
-        return full.narrow(axis, 0, shape[axis])
-    raise TypeError(f"unknown granularity {granularity!r}")
+    full = param.repeat_interleave(granularity.size, dim=axis)  # PerGroup
+    return full.narrow(axis, 0, shape[axis])
 
 
 def reduce_dims(ndim: int, granularity: Granularity) -> tuple[int, ...]:
