@@ -23,9 +23,26 @@ from __future__ import annotations
 import torch
 
 
+FLOAT32_EXACT = 2**24  # every integer of magnitude below this is exact in float32
+
+
 def codes_of(x_hat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Integer offsets ``q - z`` of an already fake-quantized tensor ``x̂ = (q - z)·s`` (as float64)."""
-    return torch.round(x_hat.double() / scale.double())
+    """Integer offsets ``q - z`` of an already fake-quantized tensor ``x̂ = (q - z)·s`` (float32 values).
+
+    ``x̂ / s`` is within a few ulps of an integer of magnitude < 2^16, so rounding recovers it exactly.
+    """
+    return torch.round(x_hat / scale.reshape(()))
+
+
+def exact_dtype(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, reduce_dims: tuple[int, ...]) -> torch.dtype:
+    """float32 when every partial sum of ``Σ a·w + b`` is an integer below 2^24 (so float32 is exact), else float64.
+
+    Bound: ``max|a| · max_o Σ_k |w[o, k]| + max|b|``.
+    """
+    bound = a.abs().max() * w.abs().sum(dim=reduce_dims).max()
+    if bias is not None:
+        bound = bound + bias.abs().max()
+    return torch.float32 if float(bound) < FLOAT32_EXACT else torch.float64
 
 
 def requantize(acc: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, s_y: torch.Tensor, z_y: int,

@@ -20,7 +20,7 @@ from torch import nn
 
 from lowbit.core import QuantSpec
 from lowbit.core import PerTensor
-from lowbit.nn.engine import codes_of, requantize
+from lowbit.nn.engine import codes_of, exact_dtype, requantize
 from lowbit.nn.onnx_ops import DQ, code_dtype
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -65,12 +65,13 @@ class QuantLayerMixin:
         q_in, q_out, wq = self.effective_input_quantizer(), self.__dict__["_engine_output"], self.weight_quantizer
         a = codes_of(x, q_in.scale)
         w_scale, w_zp = wq.expanded(self.weight.shape)
-        w = (wq.quantize_codes(self.weight) - w_zp).double()
+        w = (wq.quantize_codes(self.weight) - w_zp).float()
         grid = self.bias_qparams()
         b = None
         if grid is not None:
-            b = torch.clamp(torch.round(self.bias.detach() / grid[0]), INT32_MIN, INT32_MAX).double()
-        acc = self._integer_op(a, w, b)
+            b = torch.clamp(torch.round(self.bias.detach() / grid[0]), INT32_MIN, INT32_MAX).float()
+        dtype = exact_dtype(a, w, b, tuple(range(1, w.ndim)))
+        acc = self._integer_op(a.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
         z = int(q_out.zero_point)
         q = requantize(acc, q_in.scale, wq.scale, q_out.scale, z, q_out.spec.qmin, q_out.spec.qmax, self._channel_dim)
         return ((q - z) * q_out.scale.reshape(())).float()

@@ -26,6 +26,8 @@ Data = Iterable[Any] | Callable[[nn.Module], Any] | torch.Tensor
 def iter_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 32) -> Iterator[Any]:
     """Batches of ``data``; a single Tensor is split along dim 0."""
     if isinstance(data, torch.Tensor):
+        if data.ndim > 0 and data.shape[0] == 0:
+            return  # torch.split would yield one empty batch; no batch lets calibrate report empty data
         yield from torch.split(data, batch_size)
     else:
         yield from data

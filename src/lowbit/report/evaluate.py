@@ -89,7 +89,8 @@ def evaluate_pair(
     fp32_sess, int8_sess = make_session(fp32_path, threads), make_session(int8_path, threads)
     fp32_pred, int8_pred = batched_predict(fp32_sess), batched_predict(int8_sess)
     ref, out = fp32_pred(ev.inputs), int8_pred(ev.inputs)
-    sim = torch_predict(sim_model)(ev.inputs)
+    sim_pred = torch_predict(sim_model)
+    sim = sim_pred(ev.inputs)
     fig = {
         "metric_name": ev.metric_name,
         "metric_fp32": _metric(ev, fp32_pred, ref, ref),
@@ -105,7 +106,7 @@ def evaluate_pair(
         "eval_note": ev.note,
         "threads": threads,
     }
-    fig["metric_int8_simulated"] = _metric(ev, torch_predict(sim_model), ref, sim)
+    fig["metric_int8_simulated"] = _metric(ev, sim_pred, ref, sim)
     par = parity(sim, out)
     fig["parity_ok"] = par.ok
     fig["parity"] = par.to_dict()

@@ -193,11 +193,18 @@ def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Re
             spec = _activation_spec(site.input, producer_bounds(gm, src), recipe)
             demands.setdefault((src, spec), []).append((site, user, arg))
     layer_inputs: dict[str, list[str]] = {}
+    # ONNX export names nodes after their module's last name component; a quantizer key equal to a layer's
+    # name (``conv1``) would rename that layer (``conv1_1``) in the INT8 graph only, so its tensor names would
+    # differ from the FP32 export's (and the TensorRT calibration cache would name missing tensors).
+    taken = {name.rpartition(".")[2] for name, _ in gm.named_modules()}
     for (src, spec), uses in demands.items():
         first, _, first_arg = uses[0]
         qname = f"{first.name}.input_quantizer"
         suffix = "" if len(first.inputs) == 1 else f"_{first.inputs.index(first_arg)}"
         key = _key(first.name + suffix)
+        while key in taken:
+            key += "_q"
+        taken.add(key)
         quantizer = TensorQuantizer(spec, qname, bounds=producer_bounds(gm, src))
         quantizer.consumers = sorted({site.name for site, _, _ in uses})
         holder[key] = quantizer

@@ -188,10 +188,14 @@ def _rule_from_dict(raw: Any, recipe_weight: QuantSpec, recipe_input: QuantSpec,
     if raw.get("float", False) is True:
         if "weight" in raw or "input" in raw:
             raise ValueError(f"{where}: 'float: true' cannot be combined with 'weight' or 'input'")
-        return LayerRule(str(raw["pattern"]), None, None)
-    weight = _rule_spec(raw.get("weight", {}), recipe_weight, f"{where}.weight")
-    inp = _rule_spec(raw.get("input", {}), recipe_input, f"{where}.input")
-    return LayerRule(str(raw["pattern"]), weight, inp)
+        weight = inp = None
+    else:
+        weight = _rule_spec(raw.get("weight", {}), recipe_weight, f"{where}.weight")
+        inp = _rule_spec(raw.get("input", {}), recipe_input, f"{where}.input")
+    try:
+        return LayerRule(str(raw["pattern"]), weight, inp)
+    except ValueError as exc:  # bad regex / empty pattern: name the file and rule like every other error
+        raise ValueError(f"{where}.pattern: {exc}") from None
 
 
 def recipe_from_dict(raw: Any, where: str = "recipe") -> Recipe:
