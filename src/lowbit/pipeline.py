@@ -94,7 +94,7 @@ def _float_layers(model: nn.Module) -> list[dict]:
 def _write_outputs(staging: Path, model: nn.Module, example: torch.Tensor, recipe: Recipe) -> tuple[Path, Path]:
     fp32_path, int8_path = staging / "model_fp32.onnx", staging / "model_int8.onnx"
     export_onnx(model, example, fp32_path, target=recipe.target, float_model=True)
-    export_onnx(model, example, int8_path, target=recipe.target)
+    export_onnx(model, example, int8_path, target=recipe.target, check_parity=False)  # parity: in the report
     if recipe.target == "tensorrt":
         write_trt_calibration_cache(int8_path, staging / "calibration.cache")
     (staging / "recipe.yaml").write_text(recipe.to_yaml())

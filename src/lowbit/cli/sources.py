@@ -79,7 +79,18 @@ def load_model_source(spec: str, input_shape: str | None) -> ModelSource:
         example = torch.randn(parse_shape(input_shape))
     if example is None:
         raise SourceError(f"model {spec!r} gives no example input: pass --input-shape")
-    return ModelSource(spec, model.eval(), example, None)
+    check_forward(spec, model.eval(), example)
+    return ModelSource(spec, model, example, None)
+
+
+def check_forward(spec: str, model: nn.Module, example: torch.Tensor) -> None:
+    """Fail early, in one line, when the model cannot run its example input."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise SourceError(f"model {spec!r} fails on an input of shape {tuple(example.shape)}: {type(exc).__name__}: {first}") from None
 
 
 def _load_image(path: Path, size: tuple[int, int]) -> np.ndarray | None:

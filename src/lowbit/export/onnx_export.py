@@ -20,6 +20,7 @@ import onnx
 import torch
 from torch import nn
 
+from lowbit.export.runtime import ParityResult, make_session, parity, run_session
 from lowbit.nn import QuantLayerMixin, TensorQuantizer
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def export_onnx(
     target: str = "onnxruntime",
     opset: int = DEFAULT_OPSET,
     float_model: bool = False,
+    check_parity: bool = True,
 ) -> Path:
     """Export a converted model to ONNX with Q/DQ nodes (or in float with ``float_model=True``).
 
@@ -104,6 +106,8 @@ def export_onnx(
         target: ``onnxruntime`` or ``tensorrt``; a ``tensorrt`` export also needs ``write_trt_calibration_cache``.
         opset: ONNX opset (≥ 13 for per-channel Q/DQ).
         float_model: export with every quantizer disabled (the FP32 baseline of the same graph).
+        check_parity: run the written INT8 file on ONNX Runtime with ``example_input`` and compare with the
+            PyTorch simulation (``export.runtime.check_parity``); a failure is logged as a warning.
 
     Returns:
         the written path.
@@ -119,4 +123,17 @@ def export_onnx(
     proto.producer_name = "lowbit"
     atomic_write_bytes(path, proto.SerializeToString())
     log.info("wrote %s (%d nodes)", path, len(proto.graph.node))
+    if check_parity and not float_model:
+        result = check_onnx_parity(model, path, example_input)
+        if not result.ok:
+            log.warning("%s: ONNX Runtime and the PyTorch simulation agree within one output step on only "
+                        "%.2f%% of elements", path, 100 * result.fraction_within_step)
     return path
+
+
+def check_onnx_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor, threads: int = 2) -> ParityResult:
+    """Run ``inputs`` through the exported file on ONNX Runtime and through ``model``; compare (see ``parity``)."""
+    engine = run_session(make_session(path, threads), inputs)
+    with torch.no_grad():
+        sim = model(inputs)
+    return parity(sim, engine)
