@@ -45,6 +45,12 @@ def _mse(x, scale, zp, qmin, qmax, axis) -> torch.Tensor:
     return _reduce(err.pow(2), "mean", _stats_dims(x, axis))
 
 
+def _keep_best(err, scale, zp, best, best_s, best_z):
+    """Elementwise (per channel) keep the candidate with the lower MSE."""
+    better = err < best
+    return torch.where(better, err, best), torch.where(better, scale, best_s), torch.where(better, zp, best_z)
+
+
 def minmax_qparams(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, axis: int | None = None):
     """Plain min-max scale and zero-point (per-tensor, or per index along ``axis``)."""
     dims = _stats_dims(x, axis)
@@ -75,11 +81,7 @@ def lsq_fit_qparams(
             scale = cov / var.clamp(min=1e-12)
             zp = torch.clamp(torch.round(mq - mr / scale.clamp(min=SCALE_EPS)), qmin, qmax).to(torch.int64)
         scale = torch.where(torch.isfinite(scale) & (scale > SCALE_EPS), scale, best_s)
-        err = _mse(x, scale, zp, qmin, qmax, axis)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_s = torch.where(better, scale, best_s)
-        best_z = torch.where(better, zp, best_z)
+        best, best_s, best_z = _keep_best(_mse(x, scale, zp, qmin, qmax, axis), scale, zp, best, best_s, best_z)
     return best_s, best_z
 
 
@@ -103,9 +105,5 @@ def grid_search_qparams(
     best = _mse(x, best_s, best_z, qmin, qmax, axis)
     for ratio in torch.linspace(min_ratio, 1.0, num_candidates).tolist():
         scale, zp = choose_qparams(lo * ratio, hi * ratio, qmin, qmax, symmetric)
-        err = _mse(x, scale, zp, qmin, qmax, axis)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_s = torch.where(better, scale, best_s)
-        best_z = torch.where(better, zp, best_z)
+        best, best_s, best_z = _keep_best(_mse(x, scale, zp, qmin, qmax, axis), scale, zp, best, best_s, best_z)
     return best_s, best_z
