@@ -75,6 +75,9 @@ def to_markdown(r: dict) -> str:
         f"{par.get('elements', 0):,} output elements agree within one output step ({par.get('step', 0):.4g}); "
         f"max difference {par.get('max_abs_diff', 0):.4g}. Simulated INT8 metric: {r.get('metric_int8_simulated', float('nan')):.4f}.",
         "",
+        *(["This model targets TensorRT; every figure here, parity included, is measured on ONNX Runtime's CPU "
+           "kernels (which saturate 8-bit weights on CPUs without VNNI), not on TensorRT.", ""]
+          if r.get("target") == "tensorrt" else []),
         f"ONNX Runtime executes {r.get('int8_kernels', 0)} integer kernels: "
         + ", ".join(f"{k} x{v}" for k, v in r.get("executed_op_types", {}).items()),
         "",
