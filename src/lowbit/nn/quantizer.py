@@ -176,7 +176,3 @@ def unsigned_variant(spec: QuantSpec) -> QuantSpec:
     """The spec for a tensor known to be non-negative: unsigned codes, zero-point 0 (scale = max / qmax)."""
     return replace(spec, signed=False, symmetric=True)
 
-
-def per_tensor(spec: QuantSpec) -> QuantSpec:
-    """``spec`` with per-tensor granularity (activations are always per-tensor)."""
-    return spec if isinstance(spec.granularity, PerTensor) else replace(spec, granularity=PerTensor())
