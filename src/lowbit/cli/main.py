@@ -2,6 +2,7 @@
 
     lowbit quantize --model M --data D --recipe R --calibrator C --out DIR [--eval module:function] [--force]
     lowbit demo [--out DIR]
+    lowbit analyze --model M --data D --recipe R --out DIR [--budget-seconds S] [--force]
 
 Every failure the user can fix prints one line ``lowbit: error: ...`` naming the culprit and exits 2.
 """
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from lowbit.cli.analyze import add_analyze_args, run_analyze
 from lowbit.cli.sources import SourceError, load_data_source, load_eval_fn, load_model_source
 from lowbit.observers import OBSERVERS
 from lowbit.pipeline import OutputExistsError, quantize_to_dir
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize_args(sub.add_parser("quantize", help="post-training quantization to INT8 ONNX with a report"))
     _add_quantize_args(sub.add_parser("demo", help="quantize efficientnet-lite0 on the built-in photos"), demo=True)
+    add_analyze_args(sub.add_parser("analyze", help="per-layer quantization error, sensitivity and fixes (HTML + JSON)"))
     return parser
 
 
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
     try:
+        if args.command == "analyze":
+            return run_analyze(args)
         if args.command == "demo":
             return run_quantize(args, "efficientnet-lite0", "photos", "int8")
         return run_quantize(args, args.model, args.data, args.recipe)

@@ -1,0 +1,148 @@
+"""``lowbit analyze``: where does the quantized model lose accuracy, why, and which recipe rule fixes it.
+
+    lowbit analyze --model M --data D --recipe R --out DIR [--calibrator C] [--budget-seconds S] [--force]
+                   [--n-calib N] [--n-eval N] [--input-shape ...]
+
+Writes ``DIR/analysis.json`` and ``DIR/analysis.html`` (staged beside ``DIR`` and renamed into place, so a
+failure leaves nothing partial), and prints the five worst layers (by cumulative SQNR) with their fixes.
+The analysis (calibration included) runs on the calibration samples of ``--data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lowbit.cli.sources import load_data_source, load_model_source
+from lowbit.observers import OBSERVERS
+from lowbit.pipeline import _commit_dir, check_output_dir
+from lowbit.report.html import as_float, render_analysis_html
+from lowbit.transforms.recipe import PRESETS, load_recipe
+
+log = logging.getLogger(__name__)
+console = Console()
+N_WORST = 5
+
+
+def add_analyze_args(p: argparse.ArgumentParser) -> None:
+    """The ``analyze`` subcommand's options."""
+    p.add_argument("--model", required=True, help="zoo name (efficientnet-lite0, digits-cnn) or package.module:callable")
+    p.add_argument("--data", required=True, help="zoo data (photos, digits), an image folder, or a .npy/.pt file")
+    p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
+    p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (analysis.json, analysis.html)")
+    p.add_argument("--budget-seconds", type=float, default=60.0, help="time for the sensitivity sweeps (default 60)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--n-calib", type=int, default=None, help="number of calibration (= analysis) samples")
+    p.add_argument("--n-eval", type=int, default=None, help="number of evaluation samples loaded from --data")
+    p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--batch-size", type=int, default=32, help="analysis batch size")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _sort_key(row: dict) -> float:
+    """Worst first: NaN before everything, then ascending cumulative SQNR, inf last."""
+    v = as_float(row.get("sqnr_db_cumulative"))
+    return -math.inf if v is None or math.isnan(v) else v
+
+
+def worst_rows(rows: list[dict], n: int = N_WORST) -> list[dict]:
+    """The ``n`` rows with the lowest cumulative SQNR (missing / NaN counted as worst)."""
+    return sorted(rows, key=_sort_key)[:n]
+
+
+def _cell(v) -> str:
+    num = as_float(v)
+    if isinstance(v, (float, int)) and num is not None and math.isfinite(num):
+        return f"{num:.2f}" if abs(num) >= 0.01 or num == 0 else f"{num:.2e}"
+    return "" if v is None else str(v)
+
+
+def print_worst(analysis: dict, out_dir: Path) -> None:
+    """The terminal table: five worst layers by cumulative SQNR, then their suggested fixes (unwrapped YAML)."""
+    table = Table(title=f"lowbit analyze: {N_WORST} worst layers by cumulative SQNR (dB, higher is better)")
+    worst = worst_rows(analysis.get("rows") or [])
+    name_width = min(40, max([len(str(r.get("layer"))) for r in worst] + [5]))
+    table.add_column("layer", no_wrap=True, min_width=name_width, overflow="fold")
+    for col in ("SQNR iso dB", "SQNR cum dB", "metric drop", "flags", "verdict"):
+        table.add_column(col, overflow="fold")
+    for r in worst:
+        table.add_row(str(r.get("layer")), _cell(r.get("sqnr_db_isolated")), _cell(r.get("sqnr_db_cumulative")),
+                      _cell(r.get("sensitivity")), " ".join(r.get("flags") or []), str(r.get("verdict") or "—"))
+    console.print(table)
+    fixes = [r for r in worst if r.get("fix_rule")]
+    if fixes:
+        console.print("suggested fixes (recipe rules):")
+        for r in fixes:  # plain text, no wrapping or markup: the YAML must stay pasteable
+            console.out(f"# {r.get('layer')}: {r.get('verdict')}\n{r['fix_rule']}", highlight=False)
+    else:
+        console.print("suggested fixes: none (no flagged layer among these)")
+    bad = analysis.get("first_nonfinite_layer")
+    if bad:
+        console.print(f"[bold red]first layer with NaN/Inf output: {escape(str(bad))}[/]")
+    console.print(f"wrote {escape(str(out_dir))}/ (analysis.json, analysis.html)", highlight=False)
+
+
+def _progress_callback(progress: Progress) -> Callable[[int, int, str], None]:
+    """``progress(done, total, label)`` for :func:`lowbit.analysis.analyze`, driving one rich task."""
+    task = progress.add_task("sensitivity sweep", total=None)
+
+    def update(done: int, total: int, label: str) -> None:
+        progress.update(task, completed=done, total=total, description=f"sensitivity: {label}")
+    return update
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write(staging: Path, analysis: dict, title: str) -> None:
+    (staging / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    (staging / "analysis.html").write_text(render_analysis_html(analysis, title), encoding="utf-8")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Load model / data / recipe, analyse, write ``analysis.json`` + ``analysis.html`` into ``args.out``."""
+    from lowbit.analysis import analyze
+
+    out_dir = Path(args.out)
+    check_output_dir(out_dir, args.force)
+    recipe = load_recipe(args.recipe)
+    if args.calibrator:
+        recipe = recipe.with_calibrator(args.calibrator)
+    if args.budget_seconds < 0:
+        raise ValueError(f"--budget-seconds {args.budget_seconds}: must be >= 0")
+    src = load_model_source(args.model, args.input_shape)
+    calib, _ = load_data_source(args.data, src, args.n_calib, args.n_eval)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any new folder
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            result = analyze(src.model, calib, recipe, src.example_input, budget_seconds=args.budget_seconds,
+                             batch_size=args.batch_size, progress=_progress_callback(progress))
+        analysis = result.to_json()
+        analysis.update({"model": src.name, "data": args.data, "recipe": args.recipe,
+                         "calibrator": recipe.default_input.calibrator, "samples": int(calib.shape[0])})
+        _write(staging, analysis, f"lowbit analysis: {src.name} ({args.recipe})")
+        _commit_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print_worst(analysis, out_dir)
+    return 0
