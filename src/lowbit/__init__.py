@@ -13,13 +13,14 @@ Python API::
 from lowbit.core import PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.export.onnx_export import check_onnx_parity, export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
+from lowbit.analysis import AnalysisResult, analyze
 from lowbit.pipeline import __version__, quantize, quantize_to_dir
 from lowbit.ptq.calibrate import calibrate
 from lowbit.transforms.prepare import convert_, prepare_
 from lowbit.transforms.recipe import PRESETS, LayerRule, Recipe, load_recipe, preset
 
 __all__ = [
-    "PRESETS", "LayerRule", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "Recipe", "__version__", "calibrate", "check_onnx_parity",
+    "AnalysisResult", "PRESETS", "LayerRule", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "Recipe", "__version__", "analyze", "calibrate", "check_onnx_parity",
     "convert_", "export_onnx", "load_recipe", "prepare_", "preset", "quantize", "quantize_to_dir",
     "write_trt_calibration_cache",
 ]

@@ -8,7 +8,6 @@ leaves nothing partial, and an existing ``DIR`` is replaced only with ``force=Tr
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
 import os
@@ -25,10 +24,10 @@ from torch import nn
 
 from lowbit.export.onnx_export import export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
-from lowbit.ptq.calibrate import Data, calibrate
+from lowbit.ptq.calibrate import Data
+from lowbit.ptq.quantize import quantize
 from lowbit.report.evaluate import EvalSet, evaluate_pair
 from lowbit.report.render import to_json, to_markdown
-from lowbit.transforms.prepare import convert_, prepare_
 from lowbit.transforms.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -47,14 +46,6 @@ class PTQResult:
     model: nn.Module
     report: dict
     out_dir: Path
-
-
-def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
-             show_progress: bool = True) -> nn.Module:
-    """prepare_ → calibrate → convert_ on a copy of ``model``; returns the converted (fake-quantized) model."""
-    prepared = prepare_(copy.deepcopy(model).eval(), recipe, example_input)
-    calibrate(prepared, calib_data, show_progress=show_progress)
-    return convert_(prepared)
 
 
 def machine_description() -> str:
@@ -76,7 +67,7 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
         raise OutputExistsError(f"output {out_dir} already exists; pass --force to replace it")
 
 
-def _commit_dir(staging: Path, out_dir: Path) -> None:
+def commit_dir(staging: Path, out_dir: Path) -> None:
     backup = None
     if out_dir.exists():
         backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -143,7 +134,7 @@ def quantize_to_dir(
         })
         (staging / "report.json").write_text(to_json(report))
         (staging / "report.md").write_text(to_markdown(report))
-        _commit_dir(staging, out_dir)
+        commit_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

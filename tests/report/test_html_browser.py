@@ -7,7 +7,6 @@ locally and FAIL in CI (``CI=true``): ``.ci/run`` installs it.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lowbit.cli.main import main
 from lowbit.report.html import render_analysis_html
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -110,13 +110,7 @@ def fixture_analysis() -> dict:
 
 
 def analysis_html_from_cli(out: Path) -> Path:
-    """``lowbit analyze`` on digits-cnn (or the fixture dict when the analysis module is not there yet)."""
-    if importlib.util.find_spec("lowbit.analysis.analyze") is None:
-        out.mkdir(parents=True)
-        (out / "analysis.html").write_text(render_analysis_html(fixture_analysis(), "fixture"), encoding="utf-8")
-        return out / "analysis.html"
-    from lowbit.cli.main import main
-
+    """``lowbit analyze`` on digits-cnn."""
     rc = main(["analyze", "--model", "digits-cnn", "--data", "digits", "--out", str(out),
                "--budget-seconds", "3", "--n-calib", "64"])
     assert rc == 0

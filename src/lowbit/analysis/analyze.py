@@ -27,6 +27,7 @@ from lowbit.analysis.metrics import top1_agreement
 from lowbit.analysis.sensitivity import gradient_scores, sweep_sensitivity
 from lowbit.analysis.verdict import flags_of, median_isolated, verdict
 from lowbit.ptq.calibrate import iter_batches, run_batch
+from lowbit.ptq.quantize import quantize
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +258,6 @@ def analyze(model: nn.Module, data, recipe, example_input: torch.Tensor | None =
     Calibration and analysis use the same ``data``; see :func:`analyze_converted` for the arguments.
     ``seconds`` in the result includes the quantization.
     """
-    from lowbit.pipeline import quantize
-
     t0 = time.perf_counter()
     calib = data if isinstance(data, torch.Tensor) else list(iter_batches(data, batch_size))
     qmodel = quantize(model, calib, recipe, example_input, show_progress=False)

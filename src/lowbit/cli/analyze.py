@@ -25,9 +25,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lowbit.analysis import analyze
 from lowbit.cli.sources import load_data_source, load_model_source
 from lowbit.observers import OBSERVERS
-from lowbit.pipeline import _commit_dir, check_output_dir
+from lowbit.pipeline import check_output_dir, commit_dir
 from lowbit.report.html import as_float, render_analysis_html
 from lowbit.transforms.recipe import PRESETS, load_recipe
 
@@ -117,8 +118,6 @@ def _write(staging: Path, analysis: dict, title: str) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Load model / data / recipe, analyse, write ``analysis.json`` + ``analysis.html`` into ``args.out``."""
-    from lowbit.analysis import analyze
-
     out_dir = Path(args.out)
     check_output_dir(out_dir, args.force)
     recipe = load_recipe(args.recipe)
@@ -140,7 +139,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         analysis.update({"model": src.name, "data": args.data, "recipe": args.recipe,
                          "calibrator": recipe.default_input.calibrator, "samples": int(calib.shape[0])})
         _write(staging, analysis, f"lowbit analysis: {src.name} ({args.recipe})")
-        _commit_dir(staging, out_dir)
+        commit_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
