@@ -1,11 +1,16 @@
 """``lowbit analyze``: where does the quantized model lose accuracy, why, and which recipe rule fixes it.
 
     lowbit analyze --model M --data D --recipe R --out DIR [--calibrator C] [--budget-seconds S] [--force]
-                   [--n-calib N] [--n-eval N] [--input-shape ...]
+                   [--n-calib N] [--n-eval N] [--input-shape ...] [--engine {simulation,onnxruntime}]
 
 Writes ``DIR/analysis.json`` and ``DIR/analysis.html`` (staged beside ``DIR`` and renamed into place, so a
 failure leaves nothing partial), and prints the five worst layers (by cumulative SQNR) with their fixes.
 The analysis (calibration included) runs on the calibration samples of ``--data``.
+
+``--engine onnxruntime`` also quantizes a copy on the same samples, exports it to FP32 and INT8 ONNX in a
+temporary folder, compares every quantized activation as ONNX Runtime computes it with the FP32 export on
+the evaluation samples (:func:`lowbit.export.ort_analysis.analyze_onnx`), writes
+``DIR/analysis_onnxruntime.json`` and prints its five worst tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,8 +33,11 @@ from rich.table import Table
 
 from lowbit.analysis import analyze
 from lowbit.cli.sources import load_data_source, load_model_source
+from lowbit.export.onnx_export import export_onnx
+from lowbit.export.ort_analysis import analyze_onnx, first_nonfinite, to_json, worst_tensors
 from lowbit.observers import OBSERVERS
 from lowbit.pipeline import check_output_dir, commit_dir
+from lowbit.ptq.quantize import quantize
 from lowbit.report.html import as_float, render_analysis_html
 from lowbit.transforms.recipe import PRESETS, load_recipe
 
@@ -50,6 +59,9 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-eval", type=int, default=None, help="number of evaluation samples loaded from --data")
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--batch-size", type=int, default=32, help="analysis batch size")
+    p.add_argument("--engine", default="simulation", choices=("simulation", "onnxruntime"),
+                   help="simulation (default), or also the exported INT8 model on ONNX Runtime "
+                        "(writes analysis_onnxruntime.json)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
@@ -116,6 +128,46 @@ def _write(staging: Path, analysis: dict, title: str) -> None:
     (staging / "analysis.html").write_text(render_analysis_html(analysis, title), encoding="utf-8")
 
 
+def engine_analysis(src, calib, eval_inputs, recipe, batch_size: int) -> dict:
+    """Quantize a copy, export FP32 + INT8 ONNX to a temporary folder, run :func:`analyze_onnx` on ``eval_inputs``.
+
+    Args:
+        src: the :class:`~lowbit.cli.sources.ModelSource` (float model and example input).
+        calib: calibration inputs (the same samples the simulation analysis calibrates on).
+        eval_inputs: the inputs both ONNX models are compared on.
+        recipe: the quantization recipe.
+        batch_size: samples per ONNX Runtime run.
+
+    Returns:
+        the ``analysis_onnxruntime.json`` content (rows JSON-ready, see :func:`to_json`).
+    """
+    t0 = time.perf_counter()
+    q = quantize(src.model, calib, recipe, src.example_input, show_progress=False)
+    with tempfile.TemporaryDirectory(prefix="lowbit-analyze-onnx-") as tmp:
+        fp32 = export_onnx(q, src.example_input, Path(tmp) / "model_fp32.onnx", float_model=True, check_parity=False)
+        int8 = export_onnx(q, src.example_input, Path(tmp) / "model_int8.onnx", check_parity=False)
+        rows = analyze_onnx(fp32, int8, eval_inputs, batch_size=batch_size)
+    return {"engine": "onnxruntime", "rows": to_json(rows), "first_nonfinite_tensor": first_nonfinite(rows),
+            "samples": int(eval_inputs.shape[0]), "seconds": time.perf_counter() - t0}
+
+
+def print_worst_tensors(engine: dict) -> None:
+    """The terminal table of ``--engine onnxruntime``: five worst quantized tensors by SQNR."""
+    table = Table(title=f"ONNX Runtime: {N_WORST} worst tensors by SQNR vs FP32 ONNX (dB)")
+    rows = worst_tensors([{**r, "sqnr_db": as_float(r["sqnr_db"])} for r in engine["rows"]])
+    table.add_column("tensor", no_wrap=True, min_width=min(40, max([len(str(r["tensor"])) for r in rows] + [6])),
+                     overflow="fold")
+    for col in ("consumer", "SQNR dB", "cosine", "saturation"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        cos = as_float(r["cosine"])
+        table.add_row(str(r["tensor"]), str(r["consumer"]), _cell(r["sqnr_db"]),
+                      "" if cos is None else f"{cos:.5f}", _cell(r["saturation_rate"]))
+    console.print(table)
+    if engine.get("first_nonfinite_tensor"):
+        console.print(f"[bold red]first tensor with NaN/Inf: {escape(str(engine['first_nonfinite_tensor']))}[/]")
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     """Load model / data / recipe, analyse, write ``analysis.json`` + ``analysis.html`` into ``args.out``."""
     out_dir = Path(args.out)
@@ -126,7 +178,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.budget_seconds < 0:
         raise ValueError(f"--budget-seconds {args.budget_seconds}: must be >= 0")
     src = load_model_source(args.model, args.input_shape)
-    calib, _ = load_data_source(args.data, src, args.n_calib, args.n_eval)
+    calib, evalset = load_data_source(args.data, src, args.n_calib, args.n_eval)
+    engine = None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any new folder
@@ -139,9 +192,16 @@ def run_analyze(args: argparse.Namespace) -> int:
         analysis.update({"model": src.name, "data": args.data, "recipe": args.recipe,
                          "calibrator": recipe.default_input.calibrator, "samples": int(calib.shape[0])})
         _write(staging, analysis, f"lowbit analysis: {src.name} ({args.recipe})")
+        if getattr(args, "engine", "simulation") == "onnxruntime":
+            engine = engine_analysis(src, calib, evalset.inputs, recipe, args.batch_size)
+            engine.update({"model": src.name, "data": args.data, "recipe": args.recipe})
+            (staging / "analysis_onnxruntime.json").write_text(json.dumps(engine, indent=2) + "\n")
         commit_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print_worst(analysis, out_dir)
+    if engine is not None:
+        print_worst_tensors(engine)
+        console.print(f"wrote {escape(str(out_dir))}/analysis_onnxruntime.json", highlight=False, soft_wrap=True)
     return 0
