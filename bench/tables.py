@@ -1,0 +1,77 @@
+"""Markdown tables from ``bench/results/*.json`` (the tables in bench/RESULTS.md are pasted from this).
+
+Usage: ``.venv/bin/python bench/tables.py [calibration|ptq ...]`` (default: both full-run files).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _f(v, fmt: str) -> str:
+    if v is None:
+        return "–"
+    try:
+        return format(v, fmt)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def calibration_table(rows: list[dict]) -> str:
+    out = ["| tool | calibrator | images | seconds | forward s | stats s | peak RSS MiB | baseline RSS MiB | tensors |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['tool']} | {r['calibrator']} | {r['images']} | error: {r['error']} | | | | | |")
+            continue
+        out.append(
+            f"| {r['tool']} | {r['calibrator']} | {r['images']} | {_f(r['seconds'], '.2f')} | "
+            f"{_f(r.get('forward_seconds'), '.2f')} | {_f(r.get('stats_seconds'), '.2f')} | "
+            f"{_f(r['peak_rss_mb'], '.0f')} | {_f(r.get('baseline_rss_mb'), '.0f')} | {r['tensors']} |"
+        )
+    return "\n".join(out)
+
+
+def _label(r: dict) -> str:
+    if r["tool"] == "lowbit":
+        return f"lowbit {r.get('recipe')} / {r.get('calibrator')}"
+    if r["tool"] == "onnxruntime":
+        return f"ORT {r.get('calibrator')}" + (" reduce_range" if r.get("reduce_range") else "")
+    return r["tool"]
+
+
+def ptq_table(rows: list[dict], model: str) -> str:
+    out = [f"**{model}** ({rows[0].get('calib_samples')} calibration / {rows[0].get('eval_samples')} evaluation "
+           f"samples; metric: {next((r['metric_name'] for r in rows if r.get('metric_name')), '')})", "",
+           "| config | metric | top-1 agree | mean KL | b1 ms | b32 ms | size MB | calib s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {_label(r)} | error: {r['error']} | | | | | | |")
+            continue
+        out.append(
+            f"| {_label(r)} | {_f(r['metric'], '.4f')} | {_f(r['top1_agreement'], '.4f')} | {_f(r['kl'], '.4f')} | "
+            f"{_f(r['latency_ms_b1'], '.2f')} | {_f(r['latency_ms_b32'], '.1f')} | "
+            f"{_f(r['size_bytes'] / 1e6 if r.get('size_bytes') else None, '.2f')} | {_f(r['calib_seconds'], '.1f')} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> None:
+    names = argv or ["calibration", "ptq"]
+    for name in names:
+        rows = json.loads((RESULTS / f"{name}.json").read_text())
+        print(f"## {name} ({rows[0]['machine']}, {rows[0]['date']}, lowbit {rows[0]['lowbit_version']})\n")
+        if name.startswith("calibration"):
+            print(calibration_table(rows) + "\n")
+        else:
+            for model in dict.fromkeys(r["model"] for r in rows):
+                print(ptq_table([r for r in rows if r["model"] == model], model) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
