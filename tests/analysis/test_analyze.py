@@ -16,21 +16,6 @@ ROW_KEYS = {"layer", "type", "sqnr_db_isolated", "sqnr_db_cumulative", "cosine_i
             "verdict", "sqnr_db_weight", "sqnr_db_input", "outlier_rate", "flags", "fix_rule"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run far faster on one thread (and do not fight parallel test runs for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def qdigits(digits):
-    model, calib, _, _ = digits
-    return lowbit.quantize(model, calib, lowbit.preset("int8"), calib[:1], show_progress=False), calib
-
-
 def _broken(q, layer, factor):
     b = copy.deepcopy(q)
     b.lowbit_info = q.lowbit_info

@@ -15,21 +15,6 @@ from lowbit.analysis.metrics import cosine, mse, sqnr_db
 from lowbit.nn import QuantLayerMixin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run far faster on one thread (and do not fight parallel test runs for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def qdigits(digits):
-    model, calib, _, _ = digits
-    return lowbit.quantize(model, calib, lowbit.preset("int8"), calib[:1], show_progress=False), calib
-
-
 def _module_sites(q):
     info = q.lowbit_info
     return [n for n in info.layer_kinds if n in dict(q.named_modules())]

@@ -12,21 +12,6 @@ from lowbit.analysis import analyze_converted
 from lowbit.analysis.sensitivity import NOT_MEASURED
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run far faster on one thread (and do not fight parallel test runs for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def qdigits(digits):
-    model, calib, _, _ = digits
-    return lowbit.quantize(model, calib, lowbit.preset("int8"), calib[:1], show_progress=False), calib
-
-
 def test_sweeps_measure_everything_with_enough_budget(qdigits):
     q, calib = qdigits
     calls = []
