@@ -58,7 +58,7 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-calib", type=int, default=None, help="number of calibration (= analysis) samples")
     p.add_argument("--n-eval", type=int, default=None, help="number of evaluation samples loaded from --data")
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224")
-    p.add_argument("--batch-size", type=int, default=32, help="analysis batch size")
+    p.add_argument("--batch-size", type=int, default=8, help="analysis batch size (memory grows with it)")
     p.add_argument("--engine", default="simulation", choices=("simulation", "onnxruntime"),
                    help="simulation (default), or also the exported INT8 model on ONNX Runtime "
                         "(writes analysis_onnxruntime.json)")
