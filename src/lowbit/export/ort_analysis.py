@@ -26,6 +26,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from lowbit.analysis.layerwise import ErrorStats
 from lowbit.export.runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -79,52 +80,41 @@ class QuantizedTensor:
 
 
 @dataclass
-class RunningError:
-    """Running sums of one tensor's comparison over the batches seen so far."""
+class RunningError(ErrorStats):
+    """:class:`ErrorStats` over numpy batches, plus clipped codes and a NaN/Inf flag.
 
-    ref2: float = 0.0
-    err2: float = 0.0
-    dot: float = 0.0
-    out2: float = 0.0
-    count: int = 0
+    Metrics that are undefined (nothing seen, NaN / Inf values) are ``nan`` here rather than None, so the
+    rows of one engine run stay numeric.
+    """
+
     saturated: int = 0
     nonfinite: bool = False
 
+    @property
+    def count(self) -> int:
+        """Elements seen."""
+        return self.n
+
     def update(self, ref: np.ndarray, out: np.ndarray, saturated: int = 0) -> None:
         """Add one batch: ``ref`` (FP32) and ``out`` (engine) of equal size; ``saturated`` clipped codes in it."""
-        ref, out = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+        ref, out = np.asarray(ref, dtype=np.float64).ravel(), np.asarray(out, dtype=np.float64).ravel()
         if ref.shape != out.shape:
             raise ValueError(f"FP32 and INT8 values differ in size ({ref.size} vs {out.size})")
         self.nonfinite |= not (bool(np.isfinite(ref).all()) and bool(np.isfinite(out).all()))
-        diff = ref - out
-        self.ref2 += float(ref @ ref)
-        self.err2 += float(diff @ diff)
-        self.dot += float(ref @ out)
-        self.out2 += float(out @ out)
-        self.count += ref.size
+        super().update(torch.from_numpy(ref), torch.from_numpy(out))
         self.saturated += saturated
 
     def sqnr_db(self) -> float:
-        """``10 · log10(Σ ref² / Σ (ref - out)²)``; ``inf`` when identical, ``nan`` on NaN / Inf values."""
-        if math.isnan(self.err2) or math.isnan(self.ref2):
-            return math.nan
-        if self.err2 == 0:
-            return math.inf
-        if self.ref2 == 0:
-            return -math.inf
-        return 10.0 * math.log10(self.ref2 / self.err2)
+        value = super().sqnr_db()
+        return math.nan if value is None else value
 
     def cosine(self) -> float:
-        """``Σ ref · out / sqrt(Σ ref² · Σ out²)`` (1.0 when both are zero, 0.0 when one is)."""
-        if self.ref2 == 0 and self.out2 == 0:
-            return 1.0
-        if self.ref2 == 0 or self.out2 == 0:
-            return 0.0
-        return self.dot / math.sqrt(self.ref2 * self.out2)
+        value = super().cosine()
+        return math.nan if value is None else value
 
     def mse(self) -> float:
-        """``Σ (ref - out)² / n``."""
-        return self.err2 / self.count if self.count else math.nan
+        value = super().mse()
+        return math.nan if value is None else value
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
