@@ -119,7 +119,8 @@ def test_tensorrt_yaml_inheriting_uint8_input_is_rejected(tmp_path):
     ("rules: {pattern: fc}\n", "rules: expected a list"),
     ("target: tpu\n", "recipe target must be one of"),
     ("passes: [cle, magic]\n", "unknown pass 'magic'"),
-    ("passes: [adaround]\n", "pass 'adaround' is not available in this version"),
+    ("passes: [adaround, gptq]\n", "name only one"),
+    ("passes: [cle, cle]\n", "named twice"),
     ("version: 2\n", "recipe version 2 is not supported"),
     ("- just a list\n", "expected a mapping, got list"),
 ])

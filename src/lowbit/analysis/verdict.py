@@ -15,7 +15,8 @@ error is split into clipping (values outside the range) and rounding; then
 
 * weight, rounding, per-tensor, depthwise conv → ``per-tensor weights on depthwise conv`` → per_channel;
 * weight, rounding, per-tensor → ``rounding`` → per_channel;  weight, clipping → ``clipping`` → minmax;
-* weight, rounding, already per-channel → ``rounding`` → keep float (AdaRound / bias correction: not yet);
+* weight, rounding, already per-channel → ``rounding`` → the recipe-level passes AdaRound + bias correction
+  (``passes: [adaround, bias_correction]``), or keep the layer float if that is not enough;
 * input, clipping → ``clipping`` → ``calibrator: mse``; input with many outliers → ``outliers`` → float;
 * input, symmetric signed grid on one-sided data → ``asymmetric range`` → ``symmetric: false``;
 * input, rounding → ``rounding`` → keep the site float.
@@ -88,8 +89,8 @@ def _weight_verdict(row: dict, spec) -> tuple[str, str]:
         return ("per-tensor weights on depthwise conv", _yaml_rule(name, "weight: {granularity: per_channel}"))
     if per_tensor:
         return ("rounding (per-tensor weights)", _yaml_rule(name, "weight: {granularity: per_channel}"))
-    return ("rounding (weights)", _yaml_rule(name, "float: true")
-            + "  # per-channel weights still round badly; AdaRound / bias correction are not in lowbit yet")
+    return ("rounding (weights)", "passes: [adaround, bias_correction]  # recipe level; if not enough:\n"
+            + _yaml_rule(name, "float: true"))
 
 
 def _input_verdict(row: dict) -> tuple[str, str]:

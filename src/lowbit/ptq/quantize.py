@@ -1,20 +1,21 @@
-"""One call for post-training quantization: prepare_ → calibrate → convert_ on a copy of the model."""
+"""One call for post-training quantization: prepare_ → [passes] → calibrate → convert_ → [passes] on a copy."""
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
 
-from lowbit.ptq.calibrate import Data, calibrate
-from lowbit.transforms.prepare import convert_, prepare_
+from lowbit.ptq.calibrate import Data
+from lowbit.ptq.passes import quantize_with_passes
 from lowbit.transforms.recipe import Recipe
 
 
 def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
-             show_progress: bool = True) -> nn.Module:
-    """prepare_ → calibrate → convert_ on a copy of ``model``; returns the converted (fake-quantized) model."""
-    prepared = prepare_(copy.deepcopy(model).eval(), recipe, example_input)
-    calibrate(prepared, calib_data, show_progress=show_progress)
-    return convert_(prepared)
+             show_progress: bool = True, pass_batches: int | None = None) -> nn.Module:
+    """prepare_ → calibrate → convert_ on a copy of ``model``, with the recipe's passes in pipeline order
+    (see ``lowbit.ptq.passes``); returns the converted (fake-quantized) model.
+
+    Args:
+        pass_batches: the passes see at most this many calibration batches (None: all).
+    """
+    return quantize_with_passes(model, calib_data, recipe, example_input, show_progress, pass_batches)

@@ -26,8 +26,7 @@ from lowbit.core import PerChannel, PerTensor, QuantSpec
 from lowbit.transforms.spec_yaml import spec_from_dict, spec_to_dict
 
 TARGETS = ("onnxruntime", "tensorrt")
-PASSES = ("cle", "bias_correction", "adaround", "gptq")
-AVAILABLE_PASSES: tuple[str, ...] = ()  # post-training passes are not implemented yet; a recipe naming one is refused
+PASSES = ("cle", "bias_correction", "adaround", "gptq")  # run in lowbit.ptq.passes' fixed order
 
 
 def _matches(pattern: str, name: str, type_name: str) -> bool:
@@ -78,9 +77,12 @@ class Recipe:
         bad = [p for p in self.passes if p not in PASSES]
         if bad:
             raise ValueError(f"unknown pass {bad[0]!r}; known passes: {', '.join(PASSES)}")
-        missing = [p for p in self.passes if p not in AVAILABLE_PASSES]
-        if missing:
-            raise ValueError(f"pass {missing[0]!r} is not available in this version of lowbit (none of {', '.join(PASSES)} is yet)")
+        if "adaround" in self.passes and "gptq" in self.passes:
+            raise ValueError("passes adaround and gptq both choose the weight rounding; name only one")
+        if len(set(self.passes)) != len(self.passes):
+            raise ValueError(f"a pass is named twice in {list(self.passes)}")
+        if not isinstance(self.passes, tuple):
+            object.__setattr__(self, "passes", tuple(self.passes))
         if self.version != 1:
             raise ValueError(f"recipe version {self.version} is not supported (only 1)")
         if not isinstance(self.rules, tuple):
@@ -121,6 +123,10 @@ class Recipe:
     def to_yaml(self) -> str:
         """This recipe as YAML text (round-trips through ``from_yaml``)."""
         return dump_recipe(self)
+
+    def with_passes(self, *passes: str) -> Recipe:
+        """The same recipe running ``passes`` (see ``lowbit.ptq.passes`` for their fixed order)."""
+        return replace(self, passes=tuple(passes))
 
     def keep_float(self, *patterns: str) -> Recipe:
         """The same recipe with the matching layers kept in float."""
