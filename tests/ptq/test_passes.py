@@ -74,3 +74,22 @@ def test_cle_runs_before_calibration_and_keeps_the_float_model(digits):
 
     with torch.no_grad(), quantizers_disabled(q):
         torch.testing.assert_close(q(x[:32]), model(x[:32]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "adaround"])
+def test_weight_only_per_group_int4_beats_round_to_nearest(rounding):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+    x = torch.randn(256, 64)
+    w4 = lowbit.QuantSpec(bits=4, signed=True, symmetric=True, granularity=lowbit.PerGroup(32, axis=-1), calibrator="minmax")
+    recipe = lowbit.Recipe(default_weight=w4, default_input=lowbit.preset("int8").default_input)
+    recipe = recipe.with_rules(lowbit.LayerRule("re:.*", w4, None))  # weight-only: inputs stay float
+    errors = {}
+    for passes in ((), (rounding,)):
+        q = pipeline.quantize_with_passes(model, x, recipe.with_passes(*passes), x[:1], show_progress=False)
+        assert tuple(q.get_submodule("0").weight_quantizer.scale.shape) == (128, 2)  # one scale per 32 inputs
+        with torch.no_grad():
+            errors[passes] = float((q(x) - model(x)).pow(2).mean())
+    assert errors[(rounding,)] < 0.7 * errors[()]

@@ -62,6 +62,9 @@ def to_markdown(r: dict) -> str:
         f"All INT8 figures are measured on ONNX Runtime {r.get('onnxruntime_version', '')} running `model_int8.onnx` "
         f"with {r.get('threads', '?')} threads.",
         "",
+        "Post-training passes: " + (", ".join(f"{p} ({r.get('pass_seconds', {}).get(p, 0):.1f} s)" for p in r["passes"])
+                                    if r.get("passes") else "none (round to nearest)") + ".",
+        "",
         "| measure | FP32 | INT8 |",
         "|---|---|---|",
     ]
