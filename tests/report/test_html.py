@@ -1,11 +1,19 @@
-"""report.html: one self-contained page; escaping, non-finite SQNR, chart ids, 'not measured'."""
+"""report.html: one self-contained page; escaping, non-finite SQNR, chart ids, 'not measured', and the
+ONNX Runtime vs simulation section (report.engine_html)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import re
 from html.parser import HTMLParser
 
+import pytest
+
+from lowbit.cli.main import main
+from lowbit.report.engine_html import engine_section, sqnr_gap
 from lowbit.report.html import as_float, render_analysis_html
 
 
@@ -153,3 +161,103 @@ def test_as_float():
     assert as_float("inf") == math.inf and as_float("-inf") == -math.inf and math.isnan(as_float("nan"))
     assert as_float(3) == 3.0 and as_float("not measured") is None and as_float(None) is None
     assert as_float(True) is None
+
+
+# ---------------------------------------------------------------- ONNX Runtime vs simulation section
+
+def _engine_row(tensor, eng, sim, consumer="Conv /c/Conv", quantizer="c.input_quantizer", **extra):
+    r = {"tensor": tensor, "consumer": consumer, "sqnr_db": eng, "cosine": 0.99, "mse": 1e-4,
+         "saturation_rate": 0.001, "nonfinite": False, "elements": 100, "quantizer": quantizer,
+         "sim_sqnr_db": sim, "sim_cosine": 0.99, "sim_mse": 1e-4}
+    r.update(extra)
+    return r
+
+
+def fixture_engine() -> dict:
+    """Shaped like ``analysis_onnxruntime.json``: non-finite values as strings, markup in a name, an output row."""
+    rows = [_engine_row("input", 50.0, 50.0),
+            _engine_row("/a<b>&/Relu_output_0", 30.0, 33.5),
+            _engine_row("/c/Conv_output_0", "inf", "inf"),
+            _engine_row("/d/Conv_output_0", "nan", 20.0),
+            _engine_row("/e/Add_output_0", 25.0, 24.0),
+            _engine_row("output", 28.0, 28.001, consumer="graph output", quantizer=None, saturation_rate=None)]
+    return {"engine": "onnxruntime", "rows": rows, "first_nonfinite_tensor": "/d/Conv_output_0", "samples": 48,
+            "simulation_matched": True}
+
+
+def _engine_page() -> str:
+    return render_analysis_html(fixture_analysis(), "t", (engine_section(fixture_engine()),))
+
+
+def test_engine_section_chart_table_and_order():
+    page = _engine_page()
+    svgs = {a["id"]: a for t, a in _tags(page) if t == "svg"}
+    assert set(svgs) == {"chart-sqnr", "chart-sensitivity", "chart-hist-0", "chart-hist-1", "chart-engine"}
+    assert svgs["chart-engine"]["role"] == "img" and "ONNX Runtime" in svgs["chart-engine"]["aria-label"]
+    chart = _svg(page, "chart-engine")
+    assert 'class="series-engine"' in chart and 'class="series-simulation"' in chart
+    assert "quantized tensor (graph order)" in chart and "simulation (PyTorch, same tensor)" in chart
+    assert chart.count('class="nonfinite"') == 3  # inf in both series, NaN in the engine's
+    assert "ONNX Runtime (deployed engine) vs simulation" in page
+    assert page.index("chart-hist-1") < page.index("chart-engine") < page.index("engine-table") < page.index(
+        "layer-table")
+    table = page[page.index('<table id="engine-table"'):page.index("</table>", page.index('id="engine-table"'))]
+    assert table.count("<tr") == len(fixture_engine()["rows"]) + 1
+    for head in ("ONNX Runtime SQNR dB", "simulation SQNR dB", "gap dB", "quantizer (simulation)"):
+        assert f"<th>{head}</th>" in table
+
+
+def test_engine_gap_is_engine_minus_simulation_and_worst_row_flagged():
+    rows = fixture_engine()["rows"]
+    assert [sqnr_gap(r) for r in rows] == [0.0, -3.5, None, None, 1.0, pytest.approx(-0.001)]
+    page = _engine_page()
+    table = page[page.index('<table id="engine-table"'):]
+    flagged = re.findall(r'<tr class="flagged">(.*?)</tr>', table[:table.index("</table>")])
+    assert len(flagged) == 1 and "/a&lt;b&gt;&amp;/Relu_output_0" in flagged[0] and "-3.5" in flagged[0]
+    summary = page[page.index('<ul id="engine-summary">'):]
+    assert "largest engine-below-simulation gap: -3.50 dB at /a&lt;b&gt;&amp;/Relu_output_0" in summary
+    assert "first tensor with NaN/Inf in ONNX Runtime: /d/Conv_output_0" in summary
+
+
+def test_engine_section_escapes_and_stays_self_contained():
+    page = _engine_page()
+    assert "<b>&" not in page and all(t != "b" for t, _ in _tags(page))
+    for tag, attrs in _tags(page):
+        assert tag not in ("link", "img", "iframe", "object", "embed"), tag
+    assert "https://" not in page and "url(" not in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_engine_section_without_simulation_figures():
+    engine = fixture_engine()
+    engine["simulation_matched"] = False
+    for r in engine["rows"]:
+        for key in ("quantizer", "sim_sqnr_db", "sim_cosine", "sim_mse"):
+            r.pop(key)
+    section = engine_section(engine)
+    assert "simulation figures missing" in section and "gap:" not in section
+    assert 'class="series-simulation"' not in section and 'class="series-engine"' in section
+    assert 'class="flagged"' not in section
+
+
+@pytest.mark.slow
+def test_cli_engine_page_shows_onnxruntime_next_to_simulation(tmp_path):
+    """Real run on digits-cnn: the engine section is in analysis.html and, with the engine's integer
+    arithmetic emulated, ONNX Runtime and the simulation agree on every tensor within 0.01 dB."""
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["analyze", "--model", "digits-cnn", "--data", "digits", "--out", str(out), "--budget-seconds", "0",
+                   "--n-calib", "32", "--n-eval", "48", "--engine", "onnxruntime"])
+    assert rc == 0
+    engine = json.loads((out / "analysis_onnxruntime.json").read_text())
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert engine["simulation_matched"] is True
+    own = {q for r in analysis["rows"] for q in r.get("input_quantizers", [])}
+    rows = engine["rows"]
+    assert [r["quantizer"] for r in rows[:-1]] and {r["quantizer"] for r in rows[:-1]} <= own
+    assert rows[-1]["consumer"] == "graph output" and rows[-1]["quantizer"] is None
+    assert all(abs(sqnr_gap(r)) < 0.01 for r in rows), [(r["tensor"], sqnr_gap(r)) for r in rows]
+    page = (out / "analysis.html").read_text()
+    assert 'id="chart-engine"' in page and page.count('class="series-engine"') == 1
+    table = page[page.index('<table id="engine-table"'):]
+    assert table[:table.index("</table>")].count("<tr") == len(rows) + 1

@@ -9,8 +9,10 @@ The analysis (calibration included) runs on the calibration samples of ``--data`
 
 ``--engine onnxruntime`` also quantizes a copy on the same samples, exports it to FP32 and INT8 ONNX in a
 temporary folder, compares every quantized activation as ONNX Runtime computes it with the FP32 export on
-the evaluation samples (:func:`lowbit.export.ort_analysis.analyze_onnx`), writes
-``DIR/analysis_onnxruntime.json`` and prints its five worst tensors.
+the evaluation samples (:func:`lowbit.export.ort_analysis.analyze_onnx`), measures the same tensors in the
+PyTorch simulation (:func:`lowbit.analysis.tensorwise.quantized_activation_errors`), writes
+``DIR/analysis_onnxruntime.json``, adds an "ONNX Runtime vs simulation" section to ``analysis.html`` and
+prints the five worst tensors.
 """
 
 from __future__ import annotations
@@ -26,18 +28,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lowbit.analysis import analyze
+from lowbit.analysis.tensorwise import match_by_qparams, quantized_activation_errors
 from lowbit.cli.sources import load_data_source, load_model_source
 from lowbit.export.onnx_export import export_onnx
-from lowbit.export.ort_analysis import analyze_onnx, first_nonfinite, to_json, worst_tensors
+from lowbit.export.ort_analysis import (OUTPUT_CONSUMER, analyze_onnx, first_nonfinite, quantized_tensors, to_json,
+                                        worst_tensors)
 from lowbit.observers import OBSERVERS
 from lowbit.pipeline import check_output_dir, commit_dir
 from lowbit.ptq.quantize import quantize
+from lowbit.report.engine_html import engine_section
 from lowbit.report.html import as_float, render_analysis_html
 from lowbit.transforms.recipe import PRESETS, load_recipe
 
@@ -123,9 +130,40 @@ def _umask() -> int:
     return mask
 
 
-def _write(staging: Path, analysis: dict, title: str) -> None:
+def _write(staging: Path, analysis: dict, title: str, engine: dict | None) -> None:
     (staging / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
-    (staging / "analysis.html").write_text(render_analysis_html(analysis, title), encoding="utf-8")
+    if engine is not None:
+        (staging / "analysis_onnxruntime.json").write_text(json.dumps(engine, indent=2) + "\n")
+    sections = () if engine is None else (engine_section(engine),)
+    (staging / "analysis.html").write_text(render_analysis_html(analysis, title, sections), encoding="utf-8")
+
+
+def _with_simulation(rows: list[dict], int8: onnx.ModelProto, q, eval_inputs, batch_size: int) -> bool:
+    """Add the simulation's figures for the same tensors to the engine ``rows`` (in place); False if unmatched.
+
+    The ``i``-th QuantizeLinear of the INT8 graph is the ``i``-th activation-quantizer call of the simulation
+    (both in execution order); equal scales and zero-points confirm it (see ``tensorwise.match_by_qparams``).
+    """
+    errors, output = quantized_activation_errors(q, eval_inputs, batch_size)
+    tensors = quantized_tensors(int8)
+    matched = match_by_qparams(errors, [(t.scale, t.zero_point) for t in tensors])
+    if not matched:
+        log.warning("engine analysis: %d QuantizeLinear nodes vs %d simulated quantizer calls do not line up; "
+                    "simulation figures left out", len(tensors), len(errors))
+        return False
+    sims, outputs = iter(errors), 0
+    for row in rows:
+        if row["consumer"] == OUTPUT_CONSUMER:
+            outputs += 1
+            if outputs > 1:  # the simulation measures the first model output only
+                continue
+            name, stats = None, output
+        else:
+            err = next(sims)
+            name, stats = err.quantizer, err.stats
+        row.update({"quantizer": name, "sim_sqnr_db": stats.sqnr_db(), "sim_cosine": stats.cosine(),
+                    "sim_mse": stats.mse()})
+    return True
 
 
 def engine_analysis(src, calib, eval_inputs, recipe, batch_size: int) -> dict:
@@ -139,7 +177,9 @@ def engine_analysis(src, calib, eval_inputs, recipe, batch_size: int) -> dict:
         batch_size: samples per ONNX Runtime run.
 
     Returns:
-        the ``analysis_onnxruntime.json`` content (rows JSON-ready, see :func:`to_json`).
+        the ``analysis_onnxruntime.json`` content (rows JSON-ready, see :func:`to_json`); when the
+        simulation lines up with the graph (``simulation_matched``), every row also has ``quantizer``,
+        ``sim_sqnr_db``, ``sim_cosine`` and ``sim_mse`` of the same tensor in the PyTorch simulation.
     """
     t0 = time.perf_counter()
     q = quantize(src.model, calib, recipe, src.example_input, show_progress=False)
@@ -147,8 +187,9 @@ def engine_analysis(src, calib, eval_inputs, recipe, batch_size: int) -> dict:
         fp32 = export_onnx(q, src.example_input, Path(tmp) / "model_fp32.onnx", float_model=True, check_parity=False)
         int8 = export_onnx(q, src.example_input, Path(tmp) / "model_int8.onnx", check_parity=False)
         rows = analyze_onnx(fp32, int8, eval_inputs, batch_size=batch_size)
+        matched = _with_simulation(rows, onnx.load(str(int8)), q, eval_inputs, batch_size)
     return {"engine": "onnxruntime", "rows": to_json(rows), "first_nonfinite_tensor": first_nonfinite(rows),
-            "samples": int(eval_inputs.shape[0]), "seconds": time.perf_counter() - t0}
+            "samples": int(eval_inputs.shape[0]), "simulation_matched": matched, "seconds": time.perf_counter() - t0}
 
 
 def print_worst_tensors(engine: dict) -> None:
@@ -191,11 +232,10 @@ def run_analyze(args: argparse.Namespace) -> int:
         analysis = result.to_json()
         analysis.update({"model": src.name, "data": args.data, "recipe": args.recipe,
                          "calibrator": recipe.default_input.calibrator, "samples": int(calib.shape[0])})
-        _write(staging, analysis, f"lowbit analysis: {src.name} ({args.recipe})")
         if getattr(args, "engine", "simulation") == "onnxruntime":
             engine = engine_analysis(src, calib, evalset.inputs, recipe, args.batch_size)
             engine.update({"model": src.name, "data": args.data, "recipe": args.recipe})
-            (staging / "analysis_onnxruntime.json").write_text(json.dumps(engine, indent=2) + "\n")
+        _write(staging, analysis, f"lowbit analysis: {src.name} ({args.recipe})", engine)
         commit_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,7 +3,9 @@
 Activations become ``Q → DQ`` pairs on the tensors our quantizers sit on; weights become integer
 initializers behind a ``DQ`` (int8, per-channel axis where needed), biases int32 initializers with
 ``s_b = s_in · s_w`` — the QDQ form ONNX Runtime fuses into QLinearConv / QLinearMatMul and TensorRT's
-explicit quantization accepts. Files are written atomically (temporary file + rename).
+explicit quantization accepts. Tensors of ≤ 4 bits or with per-group qparams need opset 21 (int4 / uint4 codes
+packed two per byte, ``block_size``): see ``export.lowbit_onnx``. Files are written atomically (temporary
+file + rename).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import onnx
 import torch
 from torch import nn
 
+from lowbit.export.lowbit_onnx import INT8_OPSET, TORCH_MAX_OPSET, finalize_lowbit, resolve_opset
 from lowbit.export.runtime import ParityResult, make_session, parity, run_session
 from lowbit.nn import QuantLayerMixin, TensorQuantizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = INT8_OPSET
 
 
 @contextlib.contextmanager
@@ -72,18 +75,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def to_onnx_model(model: nn.Module, example_input: torch.Tensor, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Trace ``model`` (quantizers in ONNX form) into an in-memory ONNX model with a dynamic batch axis."""
+def to_onnx_model(model: nn.Module, example_input: torch.Tensor, opset: int | None = None) -> onnx.ModelProto:
+    """Trace ``model`` (quantizers in ONNX form) into an in-memory ONNX model with a dynamic batch axis.
+
+    ``opset`` None picks 21 when a tensor needs int4 / uint4 or blocks, else 17 (see ``lowbit_onnx.resolve_opset``).
+    """
+    opset = resolve_opset(model, opset)
     buf = io.BytesIO()
     model.eval()
     with export_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example_input,), buf, dynamo=False, opset_version=opset,
+            model, (example_input,), buf, dynamo=False, opset_version=min(opset, TORCH_MAX_OPSET),
             input_names=["input"], output_names=["output"],
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, do_constant_folding=True,
         )
     proto = onnx.load_model_from_string(buf.getvalue())
+    finalize_lowbit(proto, opset)
     onnx.checker.check_model(proto)
     return proto
 
@@ -93,7 +101,7 @@ def export_onnx(
     example_input: torch.Tensor,
     path: str | Path,
     target: str = "onnxruntime",
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     float_model: bool = False,
     check_parity: bool = True,
 ) -> Path:
@@ -104,7 +112,9 @@ def export_onnx(
         example_input: one input batch (its batch size becomes dynamic).
         path: output ``.onnx`` file (written atomically).
         target: ``onnxruntime`` or ``tensorrt``; a ``tensorrt`` export also needs ``write_trt_calibration_cache``.
-        opset: ONNX opset (≥ 13 for per-channel Q/DQ).
+        opset: ONNX opset, 13..21; None: 21 when a tensor has ≤ 4 bits (int4 / uint4, packed) or per-group
+            qparams (``block_size``), else 17. Below 21, ≤ 4-bit per-tensor / per-channel codes stay in int8
+            containers (what QLinearConv needs); per-group ones are refused.
         float_model: export with every quantizer disabled (the FP32 baseline of the same graph).
         check_parity: run the written INT8 file on ONNX Runtime with ``example_input`` and compare with the
             PyTorch simulation (``export.runtime.check_parity``); a failure is logged as a warning.
@@ -112,14 +122,12 @@ def export_onnx(
     Returns:
         the written path.
     """
-    if opset < 13:
-        raise ValueError(f"opset {opset} < 13 cannot express per-channel QuantizeLinear")
     if target not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown export target {target!r}; use onnxruntime or tensorrt")
     path = Path(path)
     ctx = quantizers_disabled(model) if float_model else contextlib.nullcontext()
     with ctx:
-        proto = to_onnx_model(model, example_input, opset)
+        proto = to_onnx_model(model, example_input, opset)  # checks opset (resolve_opset)
     proto.producer_name = "lowbit"
     atomic_write_bytes(path, proto.SerializeToString())
     log.info("wrote %s (%d nodes)", path, len(proto.graph.node))

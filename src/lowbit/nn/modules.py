@@ -21,7 +21,7 @@ from torch import nn
 from lowbit.core import QuantSpec
 from lowbit.core import PerTensor
 from lowbit.nn.engine import codes_of, exact_dtype, requantize
-from lowbit.nn.onnx_ops import DQ, code_dtype
+from lowbit.nn.onnx_ops import DQ, DQLowBit, code_dtype, needs_lowbit_form
 from lowbit.nn.quantizer import TensorQuantizer
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -57,6 +57,7 @@ class QuantLayerMixin:
         return (
             q_out is not None and q_out.is_active and isinstance(q_out.spec.granularity, PerTensor)
             and self.effective_input_quantizer() is not None and self.weight_quantizer.is_active
+            and not self.blocked_weight()
             and not self.export_mode and not torch.is_grad_enabled() and not torch.jit.is_tracing()
         )
 
@@ -81,6 +82,12 @@ class QuantLayerMixin:
     def _integer_op(self, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return self._conv_forward(a, w, b)
 
+    def blocked_weight(self) -> bool:
+        """True for per-group weights (blocked DequantizeLinear): no integer kernel takes them, the engine runs
+        a float kernel on the dequantized weight (or MatMulNBits), so the float simulation is the right one."""
+        wq = self.weight_quantizer
+        return wq.spec is not None and wq.onnx_block_size() is not None
+
     def effective_input_quantizer(self) -> TensorQuantizer | None:
         """The active quantizer of this layer's input, wherever it lives, or None."""
         for q in (self.input_quantizer, self.__dict__["_upstream_input_quantizer"]):
@@ -89,9 +96,14 @@ class QuantLayerMixin:
         return None
 
     def bias_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """int32 bias grid ``s_b = s_in · s_w`` (per output channel), or None when not fully quantized."""
+        """int32 bias grid ``s_b = s_in · s_w`` (per output channel), or None when not fully quantized.
+
+        Per-group weights have no single scale per output channel: their bias stays float.
+        """
         q_in = self.effective_input_quantizer()
         if self.bias is None or q_in is None or not self.weight_quantizer.is_active:
+            return None
+        if self.weight_quantizer.onnx_block_size() is not None:
             return None
         s_w = self.weight_quantizer.scale
         scale = (q_in.scale.reshape(()) * s_w).reshape(-1)
@@ -106,7 +118,7 @@ class QuantLayerMixin:
         ``s_w`` and a bias code beyond int32, which engines wrap around. Returns the number of channels raised.
         """
         q_in, wq = self.effective_input_quantizer(), self.weight_quantizer
-        if self.bias is None or q_in is None or not wq.is_active or not wq.spec.symmetric:
+        if self.bias_qparams() is None or not wq.spec.symmetric:
             return 0
         need = self.bias.detach().abs() / (q_in.scale.reshape(()) * BIAS_CODE_LIMIT)
         scale = wq.scale if wq.scale.ndim else wq.scale.expand_as(need)
@@ -135,10 +147,10 @@ class QuantLayerMixin:
         wq = self.weight_quantizer
         with torch.no_grad():
             codes = wq.quantize_codes(self.weight).to(code_dtype(wq.spec.bits, wq.spec.signed))
-            axis = wq.onnx_axis(self.weight.ndim)
+            axis, block = wq.onnx_axis(self.weight.ndim), wq.onnx_block_size()
             zp = wq.typed_zero_point()
             out = {
-                "w_codes": codes, "w_axis": axis,
+                "w_codes": codes, "w_axis": axis, "w_block": block, "w_bits": wq.spec.bits, "w_signed": wq.spec.signed,
                 "w_scale": wq.scale.clone() if axis is not None else wq.scale.reshape(()).clone(),
                 "w_zp": zp if axis is not None else zp.reshape(()),
                 "b_codes": None,
@@ -155,7 +167,11 @@ class QuantLayerMixin:
         if not self.weight_quantizer.is_active:
             return self.weight, self.bias
         t = self.__dict__.get("_export_tensors") or self.export_tensors()
-        weight = DQ.apply(t["w_codes"], t["w_scale"], t["w_zp"], t["w_axis"])
+        if needs_lowbit_form(t["w_bits"], t["w_block"]):
+            weight = DQLowBit.apply(t["w_codes"], t["w_scale"], t["w_zp"], t["w_axis"], t["w_block"], t["w_bits"],
+                                    t["w_signed"], self.effective_input_quantizer() is not None)
+        else:
+            weight = DQ.apply(t["w_codes"], t["w_scale"], t["w_zp"], t["w_axis"])
         if t["b_codes"] is None:
             return weight, self.bias
         return weight, DQ.apply(t["b_codes"], t["b_scale"], t["b_zp"], 0)

@@ -5,6 +5,10 @@ their ``symbolic`` emits the standard Q/DQ nodes, so ONNX Runtime and TensorRT s
 
 * ``QDQ``: float activation → ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)``.
 * ``DQ``: integer constant (int8 weight codes, int32 bias codes) → ``DequantizeLinear(q, s, z)``.
+* ``DQLowBit``: the same for ≤ 4-bit weight codes or blocked (per-group) qparams; it exports as a ``lowbit::``
+  placeholder that ``lowbit.export.lowbit_onnx`` rewrites into opset-21 int4 / uint4 nodes. (Activations of
+  ≤ 4 bits keep int8 / uint8 Q/DQ: ONNX Runtime 1.32 fuses a uint4 activation into QLinearConv and then
+  refuses its own graph.)
 
 The zero-point's dtype decides the integer type in the graph (int8, uint8, int16, uint16, int32).
 """
@@ -66,3 +70,63 @@ class DQ(torch.autograd.Function):
     def symbolic(g, q, scale, zero_point, axis):  # noqa: D102
         kwargs = {} if axis is None else {"axis_i": axis}
         return g.op("DequantizeLinear", q, scale, zero_point, **kwargs)
+
+
+# Codes of at most this many bits are stored packed two per byte (ONNX int4 / uint4, opset 21); 2- and 3-bit codes
+# use the same containers, ONNX having no narrower type.
+PACKED_BITS = 4
+LOWBIT_DOMAIN = "lowbit"
+
+
+def needs_lowbit_form(bits: int, block_size: int | None = None) -> bool:
+    """True when a tensor needs the opset-21 form: codes of ≤ 4 bits (int4 / uint4) or blocked qparams."""
+    return bits <= PACKED_BITS or block_size is not None
+
+
+def expand_blocked(param: torch.Tensor, ndim: int, axis: int | None, block_size: int | None, size: int) -> torch.Tensor:
+    """Broadcastable qparams: scalar (per-tensor), ``[C]`` → ``[1,..,C,..,1]`` (per-axis), or blocked.
+
+    Blocked (ONNX ``block_size`` B along ``axis``): ``param`` has the tensor's rank with ``ceil(D / B)`` along
+    ``axis``; element ``i`` along ``axis`` uses ``param[i // B]``.
+    """
+    if axis is None:
+        return param
+    if block_size is None:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return param.reshape(shape)
+    return param.repeat_interleave(block_size, dim=axis).narrow(axis, 0, size)
+
+
+def _lowbit_attrs(axis, block_size, bits, signed, integer_kernel=False) -> dict:
+    attrs = {"bits_i": bits, "signed_i": int(signed), "integer_kernel_i": int(integer_kernel)}
+    if axis is not None:
+        attrs["axis_i"] = axis
+    if block_size is not None:
+        attrs["block_size_i"] = block_size
+    return attrs
+
+
+class DQLowBit(torch.autograd.Function):
+    """``DequantizeLinear`` of a ≤ 4-bit or blocked integer constant (codes travel as int8 / uint8).
+
+    ``x̂ = (q - z) · s`` with ``s``, ``z`` expanded by :func:`expand_blocked`. The ONNX form is a placeholder
+    ``lowbit::DequantizeLinear`` node (attributes ``axis``, ``block_size``, ``bits``, ``signed``,
+    ``integer_kernel``: the layer's input is quantized too, so an integer kernel can take this weight) that
+    ``lowbit.export.lowbit_onnx`` rewrites into standard opset-21 nodes with packed codes.
+    """
+
+    @staticmethod
+    def forward(ctx, q, scale, zero_point, axis, block_size, bits, signed, integer_kernel=False):  # noqa: D102
+        dim = q.shape[axis] if axis is not None else 0
+        s = expand_blocked(scale, q.ndim, axis, block_size, dim)
+        z = expand_blocked(zero_point, q.ndim, axis, block_size, dim)
+        return (q.to(torch.float32) - z.to(torch.float32)) * s
+
+    @staticmethod
+    def symbolic(g, q, scale, zero_point, axis, block_size, bits, signed, integer_kernel=False):  # noqa: D102
+        out = g.op(f"{LOWBIT_DOMAIN}::DequantizeLinear", q, scale, zero_point,
+                   **_lowbit_attrs(axis, block_size, bits, signed, integer_kernel))
+        out.setType(q.type().with_dtype(torch.float32))  # a known shape: Conv's exporter needs the kernel size
+        return out
+

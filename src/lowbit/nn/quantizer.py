@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.core import QuantSpec, choose_qparams, expand_qparams, fake_quantize
-from lowbit.core.spec import PerChannel, PerTensor
+from lowbit.core.spec import PerGroup, PerTensor
 from lowbit.nn.onnx_ops import QDQ, code_dtype
 from lowbit.observers import make_observer
 
@@ -151,13 +151,16 @@ class TensorQuantizer(nn.Module):
         return self.zero_point.to(code_dtype(self.spec.bits, self.spec.signed))
 
     def onnx_axis(self, ndim: int) -> int | None:
-        """QuantizeLinear ``axis`` attribute, or None for per-tensor."""
+        """Q/DQ ``axis`` attribute (the channel axis, or the group axis of a blocked DQ), None for per-tensor."""
         g = self.spec.granularity
         if isinstance(g, PerTensor):
             return None
-        if isinstance(g, PerChannel):
-            return g.axis % ndim
-        raise NotImplementedError(f"quantizer {self.qname}: per-group activations cannot be exported")
+        return g.axis % ndim
+
+    def onnx_block_size(self) -> int | None:
+        """DequantizeLinear ``block_size`` (opset 21) for per-group qparams, else None."""
+        g = self.spec.granularity
+        return g.size if isinstance(g, PerGroup) else None
 
     def export_tensors(self) -> dict:
         """Scale, typed zero-point and axis as plain constants (computed once, before tracing)."""
@@ -167,6 +170,8 @@ class TensorQuantizer(nn.Module):
         return {"scale": self.scale.clone(), "zp": zp}
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx_block_size() is not None:
+            raise NotImplementedError(f"quantizer {self.qname}: per-group activations cannot be exported")
         axis = self.onnx_axis(x.ndim)
         t = self.__dict__.get("_export_tensors") or self.export_tensors()
         return QDQ.apply(x, t["scale"], t["zp"], axis, self.spec.qmin, self.spec.qmax)

@@ -18,7 +18,9 @@ import math
 log = logging.getLogger(__name__)
 
 COLORS = {"isolated": "#0072B2", "cumulative": "#E69F00", "bar": "#009E73", "fp32": "#0072B2",
-          "quant": "#E69F00", "error": "#CC3311", "mark": "#CC3311"}
+          "quant": "#E69F00", "error": "#CC3311", "mark": "#CC3311", "simulation": "#56B4E9", "engine": "#D55E00"}
+LEFT_SERIES = {"isolated", "simulation"}  # their non-finite marks are labelled on the left, the others on the right
+STROKE = {"simulation": 6}  # drawn wide beneath the engine's line: both stay visible where they coincide
 TABLE_FIRST = ("layer", "type", "sqnr_db_isolated", "sqnr_db_cumulative", "cosine_isolated", "cosine_cumulative",
                "mse_isolated", "kl", "hist_overlap", "clip_mse", "round_mse", "saturation_rate", "sensitivity",
                "flags")
@@ -112,9 +114,9 @@ def _y_axis(x0: int, y0: int, y1: int, ticks: tuple[float, float, float], width:
 def _mark(name: str, x: float, y: float, mark: str) -> str:
     """A triangle (series colour, red outline) and a label for a non-finite value clipped to ``y``.
 
-    The isolated series labels to the left, the cumulative one to the right, so both stay readable.
+    The isolated (simulation) series labels to the left, the other one to the right, so both stay readable.
     """
-    tx, anchor = (-8, "end") if name == "isolated" else (8, "start")
+    tx, anchor = (-8, "end") if name in LEFT_SERIES else (8, "start")
     return (f'<path class="nonfinite" d="M{x - 5:.1f},{y + 4:.1f} L{x + 5:.1f},{y + 4:.1f} L{x:.1f},{y - 5:.1f} Z" '
             f'fill="{COLORS[name]}" stroke="{COLORS["mark"]}"><title>{_esc(name)}: {mark} (clipped to the chart '
             f'edge)</title></path><text x="{x + tx:.1f}" y="{y + 4:.1f}" font-size="11" text-anchor="{anchor}" '
@@ -124,7 +126,7 @@ def _mark(name: str, x: float, y: float, mark: str) -> str:
 def _series(name: str, xs: list[float], vals: list[float | None], to_y, lo: float, hi: float) -> list[str]:
     """Polylines through the values (±inf clipped to the chart's edge and marked; NaN / missing: a gap, marked)."""
     color, parts, run = COLORS[name], [], []
-    dx = -3 if name == "isolated" else 3  # both series non-finite at one layer: keep both marks visible
+    dx = -3 if name in LEFT_SERIES else 3  # both series non-finite at one layer: keep both marks visible
     for x, v in zip(xs + [None], vals + [None]):
         if x is not None and v is not None and not math.isnan(v):
             run.append((x, to_y(v)))
@@ -134,7 +136,7 @@ def _series(name: str, xs: list[float], vals: list[float | None], to_y, lo: floa
         if len(run) > 1:
             pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in run)
             parts.append(f'<polyline class="series-{name}" points="{pts}" fill="none" stroke="{color}" '
-                         f'stroke-width="2"/>')
+                         f'stroke-width="{STROKE.get(name, 2)}"/>')
         run = []
         if x is not None and v is not None:  # NaN: a gap in the line, marked on the bottom edge
             parts.append(_mark(name, x + dx, to_y(lo), "NaN"))
@@ -145,39 +147,55 @@ def _series(name: str, xs: list[float], vals: list[float | None], to_y, lo: floa
     return parts
 
 
-def sqnr_chart(rows: list[dict]) -> str:
-    """Isolated vs cumulative SQNR (dB) per layer in execution order, as an SVG line chart."""
-    n = max(len(rows), 1)
+def line_chart(chart_id: str, names: list[str], series: list[tuple[str, list, str]], label: str,
+               x_label: str) -> str:
+    """SQNR-style line chart: one x position per name, one polyline per ``(key, values, legend)`` series.
+
+    ``key`` picks the colour (``COLORS``) and the class ``series-<key>``; values are dB (non-finite ones are
+    clipped to the chart's edge and marked).
+    """
+    n = max(len(names), 1)
     width, height, left, top, bottom = max(700, min(1150, 130 + 18 * n)), 440, 110, 60, 300
-    iso = [as_float(r.get("sqnr_db_isolated")) for r in rows]
-    cum = [as_float(r.get("sqnr_db_cumulative")) for r in rows]
-    ticks = _nice_range([v for v in iso + cum if v is not None])
+    vals = [[as_float(v) for v in values] for _, values, _ in series]
+    ticks = _nice_range([v for vs in vals for v in vs if v is not None])
     lo, hi = ticks[0], ticks[1]
     span = (width - 20 - left - 20) / max(n - 1, 1)
-    xs = [left + 20 + (span * i if n > 1 else (width - left - 40) / 2) for i in range(len(rows))]
+    xs = [left + 20 + (span * i if n > 1 else (width - left - 40) / 2) for i in range(len(names))]
     to_y = lambda v: bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo)  # noqa: E731
-    label = "SQNR per layer in execution order, isolated vs cumulative, in dB (higher is better)"
-    parts = [_svg_open("chart-sqnr", width, height, label)]
+    parts = [_svg_open(chart_id, width, height, label)]
     parts += _y_axis(left, bottom, top, ticks, width, "SQNR (dB) — higher is better")
     step = max(1, math.ceil(n / 55))
-    for i, (x, r) in enumerate(zip(xs, rows)):
+    for i, (x, name) in enumerate(zip(xs, names)):
         if i % step == 0:
-            name = str(r.get("layer", ""))
             short = name if len(name) <= 24 else "…" + name[-23:]
             parts.append(f'<text x="{x:.1f}" y="{bottom + 12}" font-size="10" text-anchor="end" '
                          f'transform="rotate(-45 {x:.1f} {bottom + 12})">{_esc(short)}<title>{_esc(name)}</title></text>')
     parts.append(f'<text x="{(left + width) / 2:.0f}" y="{height - 6}" font-size="12" text-anchor="middle">'
-                 f'layer (execution order)</text>')
-    parts += _series("isolated", xs, iso, to_y, lo, hi) + _series("cumulative", xs, cum, to_y, lo, hi)
-    legend = (("isolated", "isolated (this layer alone quantized)"),
-              ("cumulative", "cumulative (all layers up to here quantized)"))
+                 f'{_esc(x_label)}</text>')
+    for (key, _, _), v in zip(series, vals):
+        parts += _series(key, xs, v, to_y, lo, hi)
+    parts += _legend(left, [(key, text) for key, _, text in series])
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def sqnr_chart(rows: list[dict]) -> str:
+    """Isolated vs cumulative SQNR (dB) per layer in execution order, as an SVG line chart."""
+    label = "SQNR per layer in execution order, isolated vs cumulative, in dB (higher is better)"
+    series = [("isolated", [r.get("sqnr_db_isolated") for r in rows], "isolated (this layer alone quantized)"),
+              ("cumulative", [r.get("sqnr_db_cumulative") for r in rows],
+               "cumulative (all layers up to here quantized)")]
+    return line_chart("chart-sqnr", [str(r.get("layer", "")) for r in rows], series, label, "layer (execution order)")
+
+
+def _legend(left: int, legend: list[tuple[str, str]]) -> list[str]:
+    parts = []
     for k, (name, text) in enumerate(legend):
         y = 14 + 16 * k
         parts.append(f'<g class="legend"><line x1="{left + 10}" y1="{y}" x2="{left + 34}" y2="{y}" '
                      f'stroke="{COLORS[name]}" stroke-width="3"/><text x="{left + 40}" y="{y + 4}" '
                      f'font-size="12">{_esc(text)}</text></g>')
-    parts.append("</svg>")
-    return "".join(parts)
+    return parts
 
 
 def sensitivity_chart(rows: list[dict]) -> str:
@@ -295,12 +313,14 @@ def _summary(analysis: dict) -> str:
     return "<ul id=\"summary\">" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
 
 
-def render_analysis_html(analysis: dict, title: str) -> str:
+def render_analysis_html(analysis: dict, title: str, sections: tuple[str, ...] = ()) -> str:
     """ONE self-contained HTML page (inline SVG charts, no external resources) for an analysis dict.
 
     Args:
         analysis: ``AnalysisResult.to_json()`` (``rows``, ``histograms``, ``first_nonfinite_layer``, ...).
         title: page title (escaped).
+        sections: more HTML sections (already escaped, e.g. ``report.engine_html.engine_section``), placed
+            before the per-layer table.
 
     Returns:
         The HTML text.
@@ -320,6 +340,7 @@ def render_analysis_html(analysis: dict, title: str) -> str:
     if hists:
         parts.append("<h2>Worst layers: input histograms</h2>")
         parts += [hist_chart(i, str(name), h) for i, (name, h) in enumerate(hists.items())]
+    parts += list(sections)
     parts += ["<h2>All layers</h2>", '<p class="note">Flagged rows are highlighted; verdict and the pasteable '
               "recipe rule are in the last columns.</p>", _table(rows), "</body></html>"]
     log.debug("rendered analysis HTML: %d rows, %d histograms", len(rows), len(hists))
