@@ -24,7 +24,7 @@ from torch import nn
 
 from lowbit.export.lowbit_onnx import INT8_OPSET, TORCH_MAX_OPSET, finalize_lowbit, resolve_opset
 from lowbit.export.runtime import ParityResult, make_session, parity, run_session
-from lowbit.nn import QuantLayerMixin, TensorQuantizer
+from lowbit.nn import QuantLayerMixin, TensorQuantizer, quantizers_disabled  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,6 @@ def export_mode(model: nn.Module):
         for m in mods:
             m.export_mode = False
             m.__dict__.pop("_export_tensors", None)
-
-
-@contextlib.contextmanager
-def quantizers_disabled(model: nn.Module):
-    """Run ``model`` in float: every quantizer passes its tensor through (qparams are kept)."""
-    qs = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    before = [q.enabled for q in qs]
-    for q in qs:
-        q.enabled = False
-    try:
-        yield model
-    finally:
-        for q, was in zip(qs, before):
-            q.enabled = was
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -14,6 +14,7 @@ with it) without losing its qparams.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from dataclasses import replace
@@ -181,3 +182,17 @@ def unsigned_variant(spec: QuantSpec) -> QuantSpec:
     """The spec for a tensor known to be non-negative: unsigned codes, zero-point 0 (scale = max / qmax)."""
     return replace(spec, signed=False, symmetric=True)
 
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module):
+    """Run ``model`` in float: every quantizer passes its tensor through (qparams are kept)."""
+    qs = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    before = [q.enabled for q in qs]
+    for q in qs:
+        q.enabled = False
+    try:
+        yield model
+    finally:
+        for q, was in zip(qs, before):
+            q.enabled = was

@@ -14,14 +14,12 @@ on the layer's frozen grid.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lowbit.ptq.capture import as_forward_loop, capture_moments, layer_order, weight_matrix
-from lowbit.ptq.weight_range import layer_grid, output_error, quantizable, quantize_columns, refine_weight_scales
+from lowbit.ptq.weight_range import round_layers
 
 log = logging.getLogger(__name__)
 
@@ -106,29 +104,9 @@ def adaround_weight(weight: torch.Tensor, second_moment: torch.Tensor, scale: to
 
 
 def apply(model: nn.Module, forward_loop, config: AdaRoundConfig = AdaRoundConfig(), clip_search: bool = True) -> nn.Module:
-    """AdaRound on every quantized Conv/Linear of a converted model, in execution order.
+    """AdaRound on every quantized Conv/Linear of a converted model, in execution order (see
+    ``weight_range.round_layers`` for the per-layer steps: capture, ridge, clipping, rounding)."""
+    def rounder(w, h, s, z, qmin, qmax):
+        return adaround_weight(w, h, s, z, qmin, qmax, config)
 
-    Each layer's input moment is captured from the model as it stands (earlier layers already rounded), so
-    the learned rounding also answers the quantization of everything upstream. With ``clip_search`` the
-    weight scales are first re-chosen by output error (see ``weight_range``).
-    """
-    loop = as_forward_loop(forward_loop)
-    t0 = time.perf_counter()
-    done = 0
-    for name, layer in layer_order(model, loop):
-        if not quantizable(layer):
-            continue
-        moments = capture_moments(model, loop, layer)
-        s, z, qmin, qmax = layer_grid(layer)
-        w = weight_matrix(layer).detach()
-        if clip_search:
-            s = refine_weight_scales(layer, w, s, z, qmin, qmax, moments.second_moment)
-        q = adaround_weight(w, moments.second_moment, s, z, qmin, qmax, config)
-        before = output_error(w, quantize_columns(w, s, z, qmin, qmax), moments.second_moment)
-        after = output_error(w, q, moments.second_moment)
-        log.info("adaround %s: output error %.4g -> %.4g", name, before, after)
-        with torch.no_grad():
-            layer.weight.copy_(q.reshape(layer.weight.shape))
-        done += 1
-    log.info("adaround: %d layers in %.1f s", done, time.perf_counter() - t0)
-    return model
+    return round_layers(model, forward_loop, rounder, "adaround", clip_search=clip_search)

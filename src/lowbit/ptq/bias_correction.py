@@ -12,31 +12,17 @@ means are kept: a few floats per layer.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
 import torch
 from torch import nn
 
-from lowbit.nn import TensorQuantizer
+from lowbit.nn import quantizers_disabled
 from lowbit.ptq.capture import ChannelMean, as_forward_loop, channel_dim_of, engine_unlinked, layer_order, run_until
 from lowbit.ptq.weight_range import quantizable
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _float_mode(model: nn.Module):
-    qs = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    before = [q.enabled for q in qs]
-    for q in qs:
-        q.enabled = False
-    try:
-        yield
-    finally:
-        for q, was in zip(qs, before):
-            q.enabled = was
 
 
 def float_output_means(model: nn.Module, loop, layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
@@ -44,7 +30,7 @@ def float_output_means(model: nn.Module, loop, layers: list[tuple[str, nn.Module
     means = {name: ChannelMean(channel_dim_of(m)) for name, m in layers}
     handles = [m.register_forward_hook(lambda _m, _a, y, name=name: means[name].update(y)) for name, m in layers]
     try:
-        with _float_mode(model):
+        with quantizers_disabled(model):
             loop(model)
     finally:
         for h in handles:

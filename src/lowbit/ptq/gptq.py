@@ -17,14 +17,12 @@ because every element carries its own (frozen) scale and zero-point.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from torch import nn
 
-from lowbit.nn import QuantLayerMixin
-from lowbit.ptq.capture import ForwardLoop, as_forward_loop, capture_moments, layer_order, weight_matrix
-from lowbit.ptq.weight_range import layer_grid, output_error, quantizable, quantize_columns, refine_weight_scales
+from lowbit.ptq.capture import ForwardLoop
+from lowbit.ptq.weight_range import output_error, quantize_columns, round_layers
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,8 @@ def _damped(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``H⁻¹`` (retrying with 10x more damping if ``H`` is not positive definite)."""
     for attempt in range(6):
-        hd, _ = _damped(h, damp * 10**attempt)
+        extra = damp * 10**attempt if damp > 0 else (0.0 if attempt == 0 else 1e-5 * 10**attempt)
+        hd, _ = _damped(h, extra)
         lower, info = torch.linalg.cholesky_ex(hd)
         if not bool((info != 0).any()):
             hinv = torch.cholesky_inverse(lower)
@@ -106,32 +105,12 @@ def _take_cols(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def apply(model: nn.Module, forward_loop, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
           clip_search: bool = True) -> nn.Module:
-    """GPTQ on every quantized Conv/Linear of a converted model, in execution order.
+    """GPTQ on every quantized Conv/Linear of a converted model, in execution order (see
+    ``weight_range.round_layers`` for the per-layer steps: capture, ridge, clipping, rounding)."""
+    def rounder(w, h, s, z, qmin, qmax):
+        return gptq_quantize_weight(w, h, s, z, qmin, qmax, 0.0, block_size, act_order)
 
-    Each layer's inputs are captured from the model as it stands (earlier layers already GPTQ-quantized),
-    its weight scales are re-chosen by output error (``clip_search``, see ``weight_range``) and its weights
-    are replaced by on-grid values.
-    """
-    loop = as_forward_loop(forward_loop)
-    t0 = time.perf_counter()
-    done = 0
-    for name, layer in layer_order(model, loop):
-        if not quantizable(layer):
-            continue
-        moments = capture_moments(model, loop, layer)
-        s, z, qmin, qmax = layer_grid(layer)
-        w = weight_matrix(layer).detach()
-        if clip_search:
-            s = refine_weight_scales(layer, w, s, z, qmin, qmax, moments.hessian)
-        q = gptq_quantize_weight(w, moments.hessian, s, z, qmin, qmax, damp, block_size, act_order)
-        before = output_error(w, quantize_columns(w, s, z, qmin, qmax), moments.hessian)
-        after = output_error(w, q, moments.hessian)
-        log.info("gptq %s: output error %.4g -> %.4g (x%.2f)", name, before, after, after / before if before else 1.0)
-        with torch.no_grad():
-            layer.weight.copy_(q.reshape(layer.weight.shape))
-        done += 1
-    log.info("gptq: %d layers in %.1f s", done, time.perf_counter() - t0)
-    return model
+    return round_layers(model, forward_loop, rounder, "gptq", damp, clip_search)
 
 
 __all__ = ["ForwardLoop", "apply", "gptq_quantize_weight", "output_error", "quantize_columns"]

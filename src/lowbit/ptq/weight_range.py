@@ -13,14 +13,15 @@ weights get one α for the whole tensor (the summed error).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import torch
-
 from torch import nn
 
 from lowbit.core import PerTensor
 from lowbit.nn import QuantLayerMixin
-from lowbit.ptq.capture import weight_matrix
+from lowbit.ptq.capture import as_forward_loop, capture_moments, layer_order, weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +100,37 @@ def refine_weight_scales(layer: QuantLayerMixin, w: torch.Tensor, s: torch.Tenso
     wq.set_qparams(new, wq.zero_point)
     log.debug("%s: weight clipping α mean %.3f min %.3f", layer.layer_name, float(flat.mean()), float(flat.min()))
     return s * alpha.to(s.dtype).unsqueeze(-1)
+
+
+# rounder(w, h, s, z, qmin, qmax) -> on-grid weights, all [G, r, d] (h: [G, d, d])
+Rounder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def round_layers(model: nn.Module, forward_loop, rounder: Rounder, label: str, damp: float = 0.01,
+                 clip_search: bool = True) -> nn.Module:
+    """The driver AdaRound and GPTQ share: every quantized Conv/Linear of a converted model, in execution order.
+
+    Per layer: capture the input moment from the model as it stands (earlier layers already rounded, so the
+    rounding also answers everything upstream), add the ridge ``damp + d/n`` (``InputMoments.ridge``),
+    re-choose the weight clipping by output error (``clip_search``), round with ``rounder`` and write the
+    on-grid weights back (the frozen qparams stay).
+    """
+    loop = as_forward_loop(forward_loop)
+    t0 = time.perf_counter()
+    done = 0
+    for name, layer in layer_order(model, loop):
+        if not quantizable(layer):
+            continue
+        h = capture_moments(model, loop, layer).damped_second_moment(damp)
+        s, z, qmin, qmax = layer_grid(layer)
+        w = weight_matrix(layer).detach()
+        if clip_search:
+            s = refine_weight_scales(layer, w, s, z, qmin, qmax, h)
+        q = rounder(w, h, s, z, qmin, qmax)
+        before, after = output_error(w, quantize_columns(w, s, z, qmin, qmax), h), output_error(w, q, h)
+        log.info("%s %s: output error %.4g with nearest rounding, %.4g after", label, name, before, after)
+        with torch.no_grad():
+            layer.weight.copy_(q.reshape(layer.weight.shape))
+        done += 1
+    log.info("%s: %d layers in %.1f s", label, done, time.perf_counter() - t0)
+    return model
