@@ -39,7 +39,13 @@ def float_output_means(model: nn.Module, loop, layers: list[tuple[str, nn.Module
 
 
 def apply(model: nn.Module, forward_loop) -> nn.Module:
-    """Shift the bias of every quantized layer of a converted model by its mean output error."""
+    """Shift the bias of every quantized layer of a converted model by its mean output error.
+
+    One forward pass per layer (stopped right after it): correcting all layers from a single pass
+    over-corrects, since a layer would also absorb upstream errors its predecessors remove at the same time
+    (measured on digits-cnn W3: the largest mean error went 2.9 → 7.5 → 8.6 → 7.1 → 2.0 → 0.1 over six
+    such sweeps), so the layers are corrected in execution order.
+    """
     loop = as_forward_loop(forward_loop)
     t0 = time.perf_counter()
     layers = [(n, m) for n, m in layer_order(model, loop) if quantizable(m)]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.nn import QuantLayerMixin
+from lowbit.nn.functional import QuantAdd
 from lowbit.ptq.calibrate import iter_batches, run_batch
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,27 @@ def layer_order(model: nn.Module, loop: ForwardLoop) -> list[tuple[str, QuantLay
         for h in handles:
             h.remove()
     return order
+
+
+@contextlib.contextmanager
+def engine_emulation_off(model: nn.Module):
+    """Run every layer and add of ``model`` as plain fake-quant float instead of the engine's exact integer
+    kernels (which need float64 convolutions when the accumulator may pass 2^24, several times slower).
+
+    The two differ only where a value lies within float error of a rounding tie; the passes' statistics do
+    not notice, and their many partial forward passes become affordable. Links are restored on exit.
+    """
+    saved = {}
+    for m in model.modules():
+        key = "_engine_output" if isinstance(m, QuantLayerMixin) else "_quantizers" if isinstance(m, QuantAdd) else None
+        if key is not None:
+            saved[m] = (key, m.__dict__.get(key))
+            m.__dict__[key] = None
+    try:
+        yield model
+    finally:
+        for m, (key, value) in saved.items():
+            m.__dict__[key] = value
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit.ptq import adaround, bias_correction, cle, gptq
 from lowbit.ptq.calibrate import Data, calibrate
-from lowbit.ptq.capture import ForwardLoop
+from lowbit.ptq.capture import ForwardLoop, engine_emulation_off
 from lowbit.transforms.prepare import convert_, prepare_, quant_layers
 from lowbit.transforms.recipe import Recipe
 
@@ -76,7 +76,8 @@ def quantize_with_passes(model: nn.Module, calib_data: Data, recipe: Recipe, exa
     convert_(prepared)
     timings["calibrate"] = time.perf_counter() - t0
     post = [n for n in names if n in POST_CALIBRATION]
-    run_passes(prepared, post, loop, timings)
+    with engine_emulation_off(prepared):
+        run_passes(prepared, post, loop, timings)
     if post:
         for name, layer in quant_layers(prepared):
             raised = layer.fit_bias_range_()
