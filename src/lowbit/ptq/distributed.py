@@ -132,6 +132,7 @@ def sharded_forward_loop(data: Data, batch_size: int = 32) -> Callable[[nn.Modul
         merged = merge_observers_(model)
         log.info("rank %d calibrated on %d of %d batches; merged %d observers", rank, len(mine), len(batches), merged)
 
+    forward_loop.sharded = True  # every rank must run it: it ends in a collective
     return forward_loop
 
 
