@@ -1,0 +1,112 @@
+"""``lowbit serve`` and ``lowbit recalibrate``: the deployment guard on the command line.
+
+    lowbit serve DIR [--host 127.0.0.1] --port P [--shadow-rate 0.05] [--max-bad 5] [--recover-good 20]
+                 [--threshold kl=0.2,sqnr_db=8,top1_mismatch=1] [--precision int8|fp32] [--reservoir-size 256]
+    lowbit recalibrate DIR --data D [--n-calib N]
+
+``DIR`` is a ``lowbit quantize`` output folder. See :mod:`lowbit.serve` for what the server does.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lowbit import zoo
+from lowbit.cli.sources import load_data_source, load_model_source
+from lowbit.serve.app import create_app
+from lowbit.serve.config import ServeConfig, Threshold
+from lowbit.serve.models import active_version, check_model_dir, sample_shape_of, version_dir
+from lowbit.serve.recalibrate import RecalibrationResult, read_model_name, recalibrate
+from lowbit.serve.server import bind_socket, run_server
+
+console = Console()
+
+
+def float_model_loader(name: str, sample_shape: tuple[int, ...]):
+    """Rebuild the float model ``name`` (zoo name or ``module:callable``) for re-calibration."""
+    shape = None if name in zoo.MODEL_NAMES else ",".join(map(str, (1, *sample_shape)))
+    src = load_model_source(name, shape)
+    return src.model.eval(), src.example_input
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d = ServeConfig(Path("."))
+    p.add_argument("dir", type=Path, help="folder written by lowbit quantize (model_int8.onnx, model_fp32.onnx, ...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--shadow-rate", type=float, default=d.shadow_rate, help="share of requests also run on FP32")
+    p.add_argument("--max-bad", type=int, default=d.max_bad, help="consecutive bad samples that switch to FP32")
+    p.add_argument("--recover-good", type=int, default=d.recover_good,
+                   help="consecutive good samples that switch back to INT8")
+    p.add_argument("--threshold", default=None, help="when a sample is bad: kl=MAX,sqnr_db=MIN,top1_mismatch=MAX "
+                   f"(default {','.join(f'{k}={v:g}' for k, v in d.threshold.to_dict().items())})")
+    p.add_argument("--precision", default=d.precision, choices=("int8", "fp32"), help="int8 (guarded) or fp32")
+    p.add_argument("--reservoir-size", type=int, default=d.reservoir_size, help="recent input rows kept")
+    p.add_argument("--min-recalibration-samples", type=int, default=d.min_recalibration_samples)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most rows per request")
+    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads per session")
+    p.add_argument("--workers", type=int, default=d.workers, help="inference threads")
+    p.add_argument("--shadow-queue", type=int, default=d.shadow_queue, help="samples waiting for the shadow")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the shadow sampler")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = ServeConfig(
+        args.dir, shadow_rate=args.shadow_rate, max_bad=args.max_bad, recover_good=args.recover_good,
+        threshold=Threshold.parse(args.threshold), precision=args.precision, reservoir_size=args.reservoir_size,
+        max_batch=args.max_batch, threads=args.threads, workers=args.workers, shadow_queue=args.shadow_queue,
+        min_recalibration_samples=args.min_recalibration_samples, seed=args.seed)
+    check_model_dir(config.model_dir)
+    app = create_app(config, float_model_loader)
+    sock = bind_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    models = app.engine.models
+    console.print(f"lowbit serve: {config.model_dir} {models.version} ({config.precision}, shadow "
+                  f"{config.shadow_rate:g}, {len(models.probes)} quantized activations watched) on "
+                  f"http://{host}:{port}", highlight=False)
+    try:
+        run_server(app, sock, log_level="debug" if args.debug else "warning")
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
+        pass
+    console.print("lowbit serve: stopped", highlight=False)
+    return 0
+
+
+def add_recalibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, help="folder written by lowbit quantize (and maybe lowbit serve)")
+    p.add_argument("--data", required=True, help="fresh inputs: zoo data, an image folder, or a .npy/.pt file")
+    p.add_argument("--n-calib", type=int, default=None, help="use at most N input rows")
+    p.add_argument("--eval-fraction", type=float, default=0.25, help="share of rows held out to compare versions")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def run_recalibrate(args: argparse.Namespace) -> int:
+    model_dir: Path = args.dir
+    current = version_dir(model_dir, active_version(model_dir))
+    check_model_dir(current)
+    name, shape = read_model_name(current), sample_shape_of(current / "model_fp32.onnx")
+    src = load_model_source(name, None if name in zoo.MODEL_NAMES else ",".join(map(str, (1, *shape))))
+    calib, _ = load_data_source(args.data, src, args.n_calib, None)
+    result = recalibrate(model_dir, calib, lambda _n, _s: (src.model.eval(), src.example_input),
+                         data_label=args.data, threads=args.threads, eval_fraction=args.eval_fraction)
+    print_recalibration(result)
+    return 0
+
+
+def print_recalibration(result: RecalibrationResult) -> None:
+    table = Table(title=f"lowbit recalibrate: {result.previous} → {result.version} "
+                        f"({'ACCEPTED, now active' if result.accepted else 'rejected, kept on disk'})")
+    for col in ("measure (held-out rows vs FP32)", result.previous, result.version):
+        table.add_column(col)
+    for key, fmt in (("top1_agreement", "{:.4f}"), ("kl", "{:.4g}"), ("sqnr_db", "{:.2f}")):
+        table.add_row(key, fmt.format(result.current[key]), fmt.format(result.candidate[key]))
+    table.add_row("parity sim vs engine", "", "OK" if result.parity_ok else "FAILED")
+    console.print(table)
+    console.print(f"{result.reason}; {result.calib_samples} calibration / {result.eval_samples} held-out rows; "
+                  f"wrote {result.folder}/", highlight=False)
