@@ -61,6 +61,20 @@ def ptq_table(rows: list[dict], model: str) -> str:
     return "\n".join(out)
 
 
+def recovery_table(rows: list[dict], model: str) -> str:
+    first = rows[0]
+    out = [f"**{model}** ({first.get('calib_samples')} calibration samples, passes see {first.get('pass_samples')}; "
+           f"{first.get('eval_samples')} evaluation samples)", "",
+           "| config | passes | metric | top-1 agree | mean KL | float layers | size MB | seconds |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        size = r["size_bytes"] / 1e6 if r.get("size_bytes") else None
+        config = r["config"].split(" QDQ,")[0] + (" (best ORT row)" if " QDQ," in r["config"] else "")
+        out.append(f"| {config} | {r['passes']} | {_f(r['metric'], '.4f')} | {_f(r['top1_agreement'], '.4f')} | "
+                   f"{_f(r['kl'], '.4f')} | {r.get('float_layers', 0)} | {_f(size, '.2f')} | {_f(r['seconds'], '.0f')} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str]) -> None:
     names = argv or ["calibration", "ptq"]
     for name in names:
@@ -68,6 +82,9 @@ def main(argv: list[str]) -> None:
         print(f"## {name} ({rows[0]['machine']}, {rows[0]['date']}, lowbit {rows[0]['lowbit_version']})\n")
         if name.startswith("calibration"):
             print(calibration_table(rows) + "\n")
+        elif name.startswith("recovery"):
+            for model in dict.fromkeys(r["model"] for r in rows):
+                print(recovery_table([r for r in rows if r["model"] == model], model) + "\n")
         else:
             for model in dict.fromkeys(r["model"] for r in rows):
                 print(ptq_table([r for r in rows if r["model"] == model], model) + "\n")

@@ -15,6 +15,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import nn
 from lowbit.export.onnx_export import export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
 from lowbit.ptq.calibrate import Data
-from lowbit.ptq.quantize import quantize
+from lowbit.ptq.passes import ordered, quantize_with_passes
 from lowbit.report.evaluate import EvalSet, evaluate_pair
 from lowbit.report.render import to_json, to_markdown
 from lowbit.transforms.recipe import Recipe
@@ -104,12 +105,17 @@ def quantize_to_dir(
     threads: int = 2,
     repeats: int = 20,
     show_progress: bool = True,
+    on_report: Callable[[dict, Path], None] | None = None,
+    pass_batches: int | None = None,
 ) -> PTQResult:
     """Run the whole PTQ job and write ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.yaml``,
     ``report.json``, ``report.md`` (and ``calibration.cache`` for target tensorrt) into ``out_dir``.
 
     Args:
         labels: extra descriptive fields for the report (``model``, ``recipe``, ``calibrator``, ...).
+        on_report: called as ``on_report(report, staging_dir)`` before ``report.json`` is written; it may add
+            keys to the report and files to the folder (the mixed-precision search adds ``search``).
+        pass_batches: calibration batches the recipe's post-training passes see (None: all).
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
@@ -117,7 +123,8 @@ def quantize_to_dir(
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         t0 = time.perf_counter()
-        qmodel = quantize(model, calib_data, recipe, example_input, show_progress)
+        pass_seconds: dict[str, float] = {}
+        qmodel = quantize_with_passes(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds)
         calib_seconds = time.perf_counter() - t0
         fp32_path, int8_path = _write_outputs(staging, qmodel, example_input, recipe)
         report = dict(labels or {})
@@ -125,6 +132,8 @@ def quantize_to_dir(
         report.update({
             "target": recipe.target,
             "calib_seconds": calib_seconds,
+            "passes": ordered(recipe.passes),  # in the order they ran
+            "pass_seconds": pass_seconds,
             "float_layers": _float_layers(qmodel),
             "lowbit_version": __version__,
             "onnxruntime_version": onnxruntime.__version__,
@@ -132,6 +141,8 @@ def quantize_to_dir(
             "machine": machine_description(),
             "date": _dt.date.today().isoformat(),
         })
+        if on_report is not None:
+            on_report(report, staging)
         (staging / "report.json").write_text(to_json(report))
         (staging / "report.md").write_text(to_markdown(report))
         commit_dir(staging, out_dir)

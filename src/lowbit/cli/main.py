@@ -1,8 +1,13 @@
 """``lowbit`` command line: thin wrappers that build a Recipe and call one public function.
 
-    lowbit quantize --model M --data D --recipe R --calibrator C --out DIR [--eval module:function] [--force]
+    lowbit quantize --model M --data D --recipe R --calibrator C --out DIR [--mode static|dynamic] [--eval module:function] [--force]
     lowbit demo [--out DIR]
     lowbit analyze --model M --data D --recipe R --out DIR [--budget-seconds S] [--force]
+    lowbit qat --model M --data D --recipe R --epochs E --out DIR [--distill] [--nproc N] [--force]
+    lowbit serve DIR --port P [--shadow-rate 0.05] [--max-bad 5] [--threshold kl=0.2,sqnr_db=8]
+    lowbit recalibrate DIR --data D
+
+``--nproc N`` (quantize, qat) runs the command in N local processes (see ``cli.launch``).
 
 Every failure the user can fix prints one line ``lowbit: error: ...`` naming the culprit and exits 2.
 """
@@ -19,6 +24,11 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from lowbit.cli.analyze import add_analyze_args, run_analyze
+from lowbit.cli.dynamic import run_mode_quantize, wants_mode_pipeline
+from lowbit.cli.launch import follow_quantize, is_writer, maybe_launch, process_group, shard_calibration
+from lowbit.cli.qat import add_qat_args, run_qat
+from lowbit.cli.search_args import add_search_args, run_search
+from lowbit.cli.serve import add_recalibrate_args, add_serve_args, run_recalibrate, run_serve
 from lowbit.cli.sources import SourceError, load_data_source, load_eval_fn, load_model_source
 from lowbit.observers import OBSERVERS
 from lowbit.pipeline import OutputExistsError, quantize_to_dir
@@ -39,6 +49,14 @@ def _add_quantize_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         p.add_argument("--out", required=True, type=Path, help="output folder")
         p.add_argument("--eval", default=None, help="package.module:function(predict) -> metric")
         p.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,3,224,224")
+        p.add_argument("--mode", choices=("static", "dynamic"), default="static",
+                       help="static: calibrated activations (default); dynamic: activations quantized at run time")
+        p.add_argument("--passes", default=None,
+                       help="post-training passes, comma-separated (cle, bias_correction, adaround, gptq; run in that "
+                            "pipeline order); overrides the recipe's; 'none' for none")
+        p.add_argument("--pass-batches", type=int, default=None, help="calibration batches the passes see (default all)")
+        p.add_argument("--nproc", type=int, default=None, help="calibrate in N local processes (gloo, torchrun-compatible)")
+        add_search_args(p)
     else:
         p.add_argument("--out", type=Path, default=Path("lowbit-demo"), help="output folder (default lowbit-demo)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -55,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize_args(sub.add_parser("quantize", help="post-training quantization to INT8 ONNX with a report"))
     _add_quantize_args(sub.add_parser("demo", help="quantize efficientnet-lite0 on the built-in photos"), demo=True)
     add_analyze_args(sub.add_parser("analyze", help="per-layer quantization error, sensitivity and fixes (HTML + JSON)"))
+    add_qat_args(sub.add_parser("qat", help="quantization-aware training, then the quantize outputs and a checkpoint"))
+    add_serve_args(sub.add_parser("serve", help="serve DIR/model_int8.onnx over HTTP with a float shadow and a fuse"))
+    add_recalibrate_args(sub.add_parser("recalibrate", help="new INT8 version of DIR from fresh data, kept if better"))
     return parser
 
 
@@ -74,7 +95,11 @@ def print_report(report: dict, out_dir: Path) -> None:
 
 
 def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, recipe_spec: str) -> int:
+    if wants_mode_pipeline(args, data_spec):  # --mode dynamic, or embedding data (sentences)
+        return run_mode_quantize(args, model_spec, data_spec, recipe_spec)
     recipe = load_recipe(recipe_spec)
+    if getattr(args, "passes", None) is not None:
+        recipe = recipe.with_passes(*parse_passes(args.passes))
     calibrator = getattr(args, "calibrator", None)
     if calibrator:
         recipe = recipe.with_calibrator(calibrator)
@@ -85,10 +110,21 @@ def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, reci
         ev = EvalSet(ev.inputs, ev.labels, eval_fn, metric_name=getattr(args, "eval"), note=ev.note)
     labels = {"model": src.name, "data": data_spec, "recipe": recipe_spec,
               "calibrator": recipe.default_input.calibrator}
+    recipe, on_report = run_search(args, src.model, src.example_input, calib, ev, recipe, f"lowbit search: {src.name}")
+    calib = shard_calibration(calib, recipe)  # --nproc / torchrun: each rank calibrates its shard, observers merged
+    if not is_writer():
+        return follow_quantize(src.model, src.example_input, calib, recipe)
     result = quantize_to_dir(src.model, src.example_input, calib, recipe, args.out, ev, force=args.force,
-                             labels=labels, threads=args.threads, repeats=args.repeats)
+                             labels=labels, threads=args.threads, repeats=args.repeats, on_report=on_report,
+                             pass_batches=getattr(args, "pass_batches", None))
     print_report(result.report, result.out_dir)
     return 0
+
+
+def parse_passes(text: str) -> list[str]:
+    """``--passes cle,adaround`` → ``["cle", "adaround"]`` (``none`` → no pass)."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    return [] if names == ["none"] else names
 
 
 def _setup_logging(debug: bool) -> None:
@@ -97,14 +133,25 @@ def _setup_logging(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
     try:
-        if args.command == "analyze":
-            return run_analyze(args)
-        if args.command == "demo":
-            return run_quantize(args, "efficientnet-lite0", "photos", "int8")
-        return run_quantize(args, args.model, args.data, args.recipe)
+        launched = maybe_launch(args, argv)  # --nproc N > 1: N worker processes run this same command
+        if launched is not None:
+            return launched
+        with process_group():  # a worker (ours or torchrun's) joins the group; no-op in one process
+            if args.command == "analyze":
+                return run_analyze(args)
+            if args.command == "qat":
+                return run_qat(args)
+            if args.command == "serve":
+                return run_serve(args)
+            if args.command == "recalibrate":
+                return run_recalibrate(args)
+            if args.command == "demo":
+                return run_quantize(args, "efficientnet-lite0", "photos", "int8")
+            return run_quantize(args, args.model, args.data, args.recipe)
     except (SourceError, OutputExistsError, ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
         if args.debug:
             raise

@@ -19,6 +19,7 @@ from torch import nn
 
 from lowbit import zoo
 from lowbit.zoo.efficientnet import MEAN_RGB, STD_RGB
+from lowbit.report.embedding import EMBEDDING_METRIC
 from lowbit.report.evaluate import EvalFn, EvalSet
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,8 @@ def load_data_source(spec: str, model: ModelSource, n_calib: int | None, n_eval:
     if spec in zoo.DATA_NAMES:
         zd = zoo.load_data(spec, n_calib=n_calib, n_eval=n_eval)
         metric = "accuracy" if zd.eval_labels is not None else "top1_agreement"
+        if spec == "sentences":  # unit sentence embeddings: cosine / nearest-neighbour agreement with FP32
+            metric = EMBEDDING_METRIC
         calib, ev = zd.calib, EvalSet(zd.eval_inputs, zd.eval_labels, metric_name=metric, note=f"zoo data '{spec}'")
     else:
         path = Path(spec)

@@ -6,6 +6,9 @@ Models (:data:`MODEL_NAMES`):
   (:mod:`lowbit.zoo.efficientnet`), default data ``"photos"``.
 * ``"digits-cnn"``: a small residual CNN trained on scikit-learn's digits
   (:mod:`lowbit.zoo.digits`), default data ``"digits"``.
+* ``"minilm-l6"``: the sentence-transformers all-MiniLM-L6-v2 encoder with mean
+  pooling (:mod:`lowbit.zoo.minilm`), default data ``"sentences"``; input: int64
+  token ids ``[N, 64]``, output: unit sentence embeddings.
 
 Data sets (:data:`DATA_NAMES`):
 
@@ -14,6 +17,9 @@ Data sets (:data:`DATA_NAMES`):
   disjoint photos; no labels (the metric is agreement with the FP32 model).
 * ``"digits"``: the calib and test subsets of scikit-learn's digits, with
   labels.
+* ``"sentences"``: English sentences from ``pydoc_data.topics``
+  (:mod:`lowbit.zoo.sentences`), tokenized for ``minilm-l6``; calib and eval
+  sentences are disjoint; no labels (metric: embeddings vs FP32).
 
 Importing this package is cheap: heavy modules are imported on first use.
 """
@@ -29,8 +35,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES = ("efficientnet-lite0", "digits-cnn")
-DATA_NAMES = ("photos", "digits")
+MODEL_NAMES = ("efficientnet-lite0", "digits-cnn", "minilm-l6")
+DATA_NAMES = ("photos", "digits", "sentences")
 PHOTOS_N_CALIB = 64
 PHOTOS_N_EVAL = 256
 
@@ -108,6 +114,12 @@ def load_model(name: str) -> ZooModel:
         model = load_digits_cnn()
         example = load_digits_split().x_calib[:1].clone()
         return ZooModel(name, model, example, default_data="digits")
+    if name == "minilm-l6":
+        from lowbit.zoo.minilm import load_minilm, tokenize
+        from lowbit.zoo.sentences import SEQ_LEN, sentence_split
+
+        example = tokenize(sentence_split(1, 1)[0], SEQ_LEN)
+        return ZooModel(name, load_minilm(), example, default_data="sentences")
     raise _unknown("model", name, MODEL_NAMES)
 
 
@@ -149,6 +161,11 @@ def load_data(
         return ZooData(name, calib, eval_inputs, None)
     if name == "digits":
         return _digits_data(n_calib, n_eval, seed)
+    if name == "sentences":
+        from lowbit.zoo.sentences import load_sentences
+
+        calib, eval_inputs = load_sentences(n_calib, n_eval, seed)
+        return ZooData(name, calib, eval_inputs, None)
     raise _unknown("data set", name, DATA_NAMES)
 
 

@@ -1,0 +1,113 @@
+"""Report figures for models measured on their outputs as a whole (sentence embeddings) or with any input dtype.
+
+``evaluate_onnx_pair`` runs the FP32 and the quantized ONNX file on ONNX Runtime (inputs keep their dtype, so
+token ids stay int64) and compares them; for embedding models (``embedding=True``) the task metric is the
+mean cosine similarity to FP32 and nearest-neighbour agreement, otherwise the usual top-1 agreement / KL.
+Every quantized figure comes from the engine; the simulation enters through the parity check only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.analysis import metrics
+from lowbit.analysis.embedding import mean_cosine, nn_agreement
+from lowbit.export.dynamic_onnx import latency_ms_any, run_onnx_batched
+from lowbit.export.runtime import int8_kernel_count, make_session, optimized_op_types, parity
+from lowbit.report.render import _json_safe
+
+EMBEDDING_METRIC = "embedding_cosine"
+INTEGER_KERNELS = ("MatMulNBits", "DynamicQuantizeLinear")
+
+
+def _latencies(fp32_path: Path, q_path: Path, inputs: torch.Tensor, threads: int, repeats: int) -> dict:
+    out = {}
+    for batch in (1, 32):
+        x = inputs[:1].expand(batch, *inputs.shape[1:]).contiguous()
+        out[f"latency_ms_fp32_b{batch}"] = latency_ms_any(fp32_path, x, threads, repeats)
+        out[f"latency_ms_int8_b{batch}"] = latency_ms_any(q_path, x, threads, repeats)
+    return out
+
+
+def evaluate_onnx_pair(fp32_path: Path, q_path: Path, sim_model: nn.Module, inputs: torch.Tensor, embedding: bool,
+                       threads: int = 2, repeats: int = 20, note: str = "") -> dict:
+    """Metric, error, size, kernels, parity and latency of an FP32 / quantized ONNX pair (see module doc)."""
+    ref = run_onnx_batched(make_session(fp32_path, threads), inputs)
+    out = run_onnx_batched(make_session(q_path, threads), inputs)
+    with torch.no_grad():
+        sim = torch.cat([sim_model(chunk) for chunk in torch.split(inputs, 32)])
+    fig: dict = {"eval_samples": int(inputs.shape[0]), "eval_note": note, "threads": threads}
+    if embedding:
+        fig.update({"metric_name": "mean cosine similarity to FP32", "metric_fp32": 1.0, "metric_int8": mean_cosine(ref, out),
+                    "metric_int8_simulated": mean_cosine(ref, sim), "nn_agreement": nn_agreement(ref, out),
+                    "top1_agreement": nn_agreement(ref, out), "kl": float("nan")})
+    else:
+        fig.update({"metric_name": "top1_agreement", "metric_fp32": 1.0, "metric_int8": metrics.top1_agreement(ref, out),
+                    "metric_int8_simulated": metrics.top1_agreement(ref, sim), "top1_agreement": metrics.top1_agreement(ref, out),
+                    "kl": metrics.kl_softmax(ref, out)})
+    fig.update({"sqnr_db": metrics.sqnr_db(ref, out), "cosine": metrics.cosine(ref, out), "mse": metrics.mse(ref, out),
+                "size_bytes_fp32": fp32_path.stat().st_size, "size_bytes_int8": q_path.stat().st_size})
+    par = parity(sim, out)
+    fig["parity_ok"], fig["parity"] = par.ok, par.to_dict()
+    ops = optimized_op_types(q_path, threads)
+    fig["int8_kernels"] = int8_kernel_count(ops) + sum(n for op, n in ops.items() if op in INTEGER_KERNELS)
+    fig["executed_op_types"] = dict(sorted(ops.items()))
+    fig.update(_latencies(fp32_path, q_path, inputs, threads, repeats))
+    return fig
+
+
+def summary_rows(r: dict) -> list[tuple[str, str, str]]:
+    """(measure, FP32, quantized) rows for the Markdown report and the terminal table."""
+    rows = [(f"metric ({r['metric_name']})", f"{r['metric_fp32']:.4f}", f"{r['metric_int8']:.5f}")]
+    if "nn_agreement" in r:
+        rows.append(("nearest-neighbour agreement with FP32", "1.0000", f"{r['nn_agreement']:.4f}"))
+    else:
+        rows.append(("top-1 agreement with FP32", "1.0000", f"{r['top1_agreement']:.4f}"))
+    speed1 = r["latency_ms_fp32_b1"] / r["latency_ms_int8_b1"]
+    speed32 = r["latency_ms_fp32_b32"] / r["latency_ms_int8_b32"]
+    rows += [
+        ("output SQNR, dB (higher is better)", "∞", f"{r['sqnr_db']:.2f}"),
+        ("model size, bytes", f"{r['size_bytes_fp32']:,}", f"{r['size_bytes_int8']:,} ({r['size_bytes_fp32'] / r['size_bytes_int8']:.2f}x smaller)"),
+        ("latency batch 1, ms (median)", f"{r['latency_ms_fp32_b1']:.2f}", f"{r['latency_ms_int8_b1']:.2f} ({speed1:.2f}x)"),
+        ("latency batch 32, ms (median)", f"{r['latency_ms_fp32_b32']:.2f}", f"{r['latency_ms_int8_b32']:.2f} ({speed32:.2f}x)"),
+    ]
+    return rows
+
+
+def to_json(report: dict) -> str:
+    """JSON text (non-finite floats as strings)."""
+    return json.dumps(_json_safe(report), indent=2) + "\n"
+
+
+def to_markdown(r: dict) -> str:
+    """A human-readable Markdown report of a dynamic / transformer quantization."""
+    par = r["parity"]
+    lines = [
+        f"# lowbit {r.get('mode', '')} quantization report: {r.get('model', 'model')}",
+        "",
+        f"Mode `{r.get('mode')}`, recipe `{r.get('recipe', '?')}`; {r['eval_samples']} evaluation samples"
+        f"{(' — ' + r['eval_note']) if r.get('eval_note') else ''}. Quantized figures are measured on ONNX Runtime "
+        f"{r.get('onnxruntime_version', '')} running `model_int8.onnx` with {r['threads']} threads.",
+        "",
+        "| measure | FP32 | quantized |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in summary_rows(r)],
+        "",
+        "## Parity: PyTorch simulation vs ONNX Runtime",
+        "",
+        f"{'OK' if r['parity_ok'] else 'NOT WITHIN ONE STEP'}: {par['fraction_within_step'] * 100:.3f}% of {par['elements']:,} "
+        f"output elements agree within one output step ({par['step']:.4g}); max difference {par['max_abs_diff']:.4g}. "
+        f"Simulated metric: {r['metric_int8_simulated']:.5f}.",
+        "",
+        f"ONNX Runtime executes {r['int8_kernels']} integer kernels: "
+        + ", ".join(f"{k} x{v}" for k, v in r["executed_op_types"].items()),
+        "",
+        "## Layers left in float",
+        "",
+        *([f"- `{f['layer']}`: {f['reason']}" for f in r["float_layers"]] or ["None."]),
+    ]
+    return "\n".join(lines) + "\n"
