@@ -129,6 +129,8 @@ def process_group() -> Iterator[tuple[int, int]]:
     joined = init_from_env()
     try:
         yield rank_and_world()
+        if joined:  # leave together: a rank tearing gloo down while another still uses it can abort the process
+            dist.barrier()
     finally:
         if joined:
             dist.destroy_process_group()
