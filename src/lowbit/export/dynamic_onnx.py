@@ -12,26 +12,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import statistics
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from lowbit.export.onnx_export import DEFAULT_OPSET, atomic_write_bytes, export_mode
-from lowbit.export.runtime import ParityResult, make_session, parity
+from lowbit.export.runtime import ParityResult, make_session, parity, run_session
 from lowbit.nn.dynamic import DynamicMixin
 
 log = logging.getLogger(__name__)
-
-_NUMPY_OF_ONNX = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-                  "tensor(double)": np.float64, "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
-
 
 @contextlib.contextmanager
 def dynamic_export_mode(model: nn.Module):
@@ -87,11 +80,7 @@ def export_dynamic_onnx(model: nn.Module, example: torch.Tensor, path: str | Pat
     return path
 
 
-def run_onnx(session: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
-    """One forward pass; the input is converted to the dtype the session declares (int64 token ids stay ints)."""
-    meta = session.get_inputs()[0]
-    dtype = _NUMPY_OF_ONNX.get(meta.type, np.float32)
-    return torch.from_numpy(np.asarray(session.run(None, {meta.name: x.detach().numpy().astype(dtype)})[0]))
+run_onnx = run_session  # kept for callers: runtime.run_session feeds the dtype the session declares
 
 
 def run_onnx_batched(session: ort.InferenceSession, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
@@ -107,17 +96,3 @@ def check_parity_any(model: nn.Module, path: str | Path, inputs: torch.Tensor, t
         sim = torch.cat([model(chunk) for chunk in torch.split(inputs, 32)])
     return parity(sim, engine, step)
 
-
-def latency_ms_any(path: str | Path, x: torch.Tensor, threads: int = 2, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one ``session.run`` on ``x`` (any input dtype), in milliseconds."""
-    session = make_session(path, threads)
-    meta = session.get_inputs()[0]
-    feed = {meta.name: x.detach().numpy().astype(_NUMPY_OF_ONNX.get(meta.type, np.float32))}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)

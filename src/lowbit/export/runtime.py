@@ -41,10 +41,19 @@ def make_session(path: str | Path, threads: int = 2, optimized_path: str | Path 
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+NUMPY_OF_ONNX = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                 "tensor(double)": np.float64, "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
+
+
+def input_feed(session: ort.InferenceSession, x: torch.Tensor) -> dict:
+    """``{input name: x}`` in the dtype the session declares (float32 images, int64 token ids)."""
+    meta = session.get_inputs()[0]
+    return {meta.name: x.detach().numpy().astype(NUMPY_OF_ONNX.get(meta.type, np.float32))}
+
+
 def run_session(session: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
-    """One forward pass on a float input; returns the first output as a Tensor."""
-    name = session.get_inputs()[0].name
-    return torch.from_numpy(session.run(None, {name: x.detach().numpy().astype(np.float32)})[0])
+    """One forward pass; returns the first output as a Tensor."""
+    return torch.from_numpy(np.asarray(session.run(None, input_feed(session, x))[0]))
 
 
 def optimized_op_types(path: str | Path, threads: int = 2) -> Counter:
@@ -64,8 +73,7 @@ def int8_kernel_count(ops: Counter) -> int:
 def latency_ms(path: str | Path, x: torch.Tensor, threads: int = 2, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of one ``session.run`` on ``x``, in milliseconds."""
     session = make_session(path, threads)
-    name = session.get_inputs()[0].name
-    feed = {name: x.detach().numpy().astype(np.float32)}
+    feed = input_feed(session, x)
     for _ in range(warmup):
         session.run(None, feed)
     times = []

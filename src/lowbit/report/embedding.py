@@ -16,8 +16,8 @@ from torch import nn
 
 from lowbit.analysis import metrics
 from lowbit.analysis.embedding import mean_cosine, nn_agreement
-from lowbit.export.dynamic_onnx import latency_ms_any, run_onnx_batched
-from lowbit.export.runtime import int8_kernel_count, make_session, optimized_op_types, parity
+from lowbit.export.dynamic_onnx import run_onnx_batched
+from lowbit.export.runtime import int8_kernel_count, latency_ms, make_session, optimized_op_types, parity
 from lowbit.report.render import _json_safe
 
 EMBEDDING_METRIC = "embedding_cosine"
@@ -28,8 +28,8 @@ def _latencies(fp32_path: Path, q_path: Path, inputs: torch.Tensor, threads: int
     out = {}
     for batch in (1, 32):
         x = inputs[:1].expand(batch, *inputs.shape[1:]).contiguous()
-        out[f"latency_ms_fp32_b{batch}"] = latency_ms_any(fp32_path, x, threads, repeats)
-        out[f"latency_ms_int8_b{batch}"] = latency_ms_any(q_path, x, threads, repeats)
+        out[f"latency_ms_fp32_b{batch}"] = latency_ms(fp32_path, x, threads, repeats)
+        out[f"latency_ms_int8_b{batch}"] = latency_ms(q_path, x, threads, repeats)
     return out
 
 
