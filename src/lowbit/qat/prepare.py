@@ -20,18 +20,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from lowbit.nn import QuantLayerMixin, QuantState, from_float
+from lowbit.nn import QuantLayerMixin, QuantState
 from lowbit.ptq.calibrate import Data, iter_batches, run_batch
 from lowbit.qat.config import QATConfig
 from lowbit.qat.layers import BN_SIMULATED, QATLayerMixin, to_qat_
 from lowbit.qat.quantizer import LearnableQuantizer
 from lowbit.transforms.bn_fold import BATCHNORMS, fold_into
-from lowbit.transforms.graph import find_sites, insert_activation_quantizers, link_engine_kernels
+from lowbit.transforms.graph import link_engine_kernels
 from lowbit.transforms.prepare import (
     PrepareInfo,
-    _set_module,
-    _weight_spec,
     convert_ as ptq_convert_,
+    insert_quantizers,
     prepare_,
     quant_layers,
     quantizers,
@@ -82,21 +81,8 @@ def _fuse_bn(gm: fx.GraphModule, config: QATConfig) -> list[str]:
 
 
 def _prepare_graph(gm: fx.GraphModule, recipe: Recipe, config: QATConfig) -> PrepareInfo:
-    """``transforms.prepare._prepare_traced`` without the BN fold (which is simulated instead)."""
-    info = PrepareInfo(recipe=recipe, traced=True)
-    plan = find_sites(gm, recipe)
-    info.float_layers = plan.float_layers
-    info.layer_inputs = insert_activation_quantizers(gm, plan, recipe)
-    for site in plan.sites:
-        info.layer_kinds[site.name] = site.kind
-        if site.node.op != "call_module" or site.kind == "pool":
-            continue
-        mod = gm.get_submodule(site.name)
-        qmod = from_float(mod, site.name, _weight_spec(site.weight, mod), None)
-        ups = info.layer_inputs.get(site.name, [])
-        qmod.set_upstream_input_quantizer(gm.get_submodule(ups[0]) if ups else None)
-        _set_module(gm, site.name, qmod)
-    gm.recompile()
+    """``transforms.prepare.insert_quantizers``, then BatchNorm fused for simulated folding."""
+    info = insert_quantizers(gm, recipe)
     info.folded_bn = _fuse_bn(gm, config)
     return info
 

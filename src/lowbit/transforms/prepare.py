@@ -51,8 +51,18 @@ def _set_module(root: nn.Module, qualname: str, new: nn.Module) -> None:
 
 
 def _prepare_traced(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
+    folded = fold_bn_graph(gm)
+    info = insert_quantizers(gm, recipe)
+    info.folded_bn = folded
+    if recipe.target == "onnxruntime":
+        log.info("linked %d layers to exact engine-kernel emulation", link_engine_kernels(gm))
+    return info
+
+
+def insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
+    """Shared activation quantizers on every consumed tensor, Conv/Linear swapped for quantized twins (in place;
+    BatchNorm is not touched: PTQ folds it first, QAT simulates the fold)."""
     info = PrepareInfo(recipe=recipe, traced=True)
-    info.folded_bn = fold_bn_graph(gm)
     plan = find_sites(gm, recipe)
     info.float_layers = plan.float_layers
     info.layer_inputs = insert_activation_quantizers(gm, plan, recipe)
@@ -66,8 +76,6 @@ def _prepare_traced(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
         qmod.set_upstream_input_quantizer(gm.get_submodule(ups[0]) if ups else None)
         _set_module(gm, site.name, qmod)
     gm.recompile()
-    if recipe.target == "onnxruntime":
-        log.info("linked %d layers to exact engine-kernel emulation", link_engine_kernels(gm))
     return info
 
 
