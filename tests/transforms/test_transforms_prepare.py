@@ -76,7 +76,9 @@ def _quant_nodes_on(model, src_name):
 def test_one_shared_quantizer_per_tensor(target):
     model = _model()
     x = torch.randn(2, 3, 8, 8)
-    q = lowbit.prepare_(copy.deepcopy(model), lowbit.preset(target), x[:1])
+    # node names below are torch.fx's (``act1``, ``flat``); the torch.export path is compared with this one
+    # in test_export_capture_places_the_same_quantizers_as_fx
+    q = lowbit.prepare_(copy.deepcopy(model), lowbit.preset(target), x[:1], capture="fx")
     info = q.lowbit_info
     assert info.traced and info.folded_bn == ["bn1"]
     assert info.float_layers == []
@@ -122,6 +124,29 @@ def test_one_shared_quantizer_per_tensor(target):
         assert type(q.get_submodule(name_)) is QuantLinear
     # not calibrated yet: same function as the float model
     torch.testing.assert_close(q(x), model(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["int8", "tensorrt-int8"])
+def test_export_capture_places_the_same_quantizers_as_fx(target):
+    model = _model()
+    x = torch.randn(8, 3, 8, 8)
+    by_path = {}
+    for how in ("export", "fx"):
+        q = lowbit.prepare_(copy.deepcopy(model), lowbit.preset(target), x[:1], capture=how)
+        lowbit.calibrate(q, [x])
+        lowbit.convert_(q)
+        by_path[how] = q
+    ex, fx_ = by_path["export"], by_path["fx"]
+    assert ex.lowbit_info.capture_path == "torch.export" and fx_.lowbit_info.capture_path == "torch.fx"
+    assert ex.lowbit_info.folded_bn == ["bn1"] and ex.lowbit_info.float_layers == []
+    kinds = lambda q: sorted(q.lowbit_info.layer_kinds.values())  # noqa: E731
+    assert kinds(ex) == kinds(fx_)
+    layers = {n for n, k in fx_.lowbit_info.layer_kinds.items() if k in ("Conv2d", "Linear", "pool")}
+    assert layers <= set(ex.lowbit_info.layer_kinds)  # modules and pooling modules keep their names
+    specs = lambda q: sorted(repr((m.spec.signed, m.spec.symmetric, m.bounds)) for m in _act_quantizers(q).values())  # noqa: E731
+    assert specs(ex) == specs(fx_)
+    with torch.no_grad():
+        torch.testing.assert_close(ex(x), fx_(x), rtol=0, atol=0)
 
 
 def test_calibrated_relu6_quantizer_uses_bound_and_feeds_bias_grid():

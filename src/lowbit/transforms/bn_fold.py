@@ -12,9 +12,11 @@ so that ``W' * u + b' == BN(W * u + b)``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,15 @@ def _out_axis(layer: nn.Module) -> int:
 
 def fold_into(layer: nn.Module, bn: nn.Module) -> None:
     """Fold ``bn`` into ``layer`` in place (``layer`` gains a bias if it had none)."""
+    _fold_params(layer, BNParams("bn", bn.running_mean, bn.running_var, bn.eps, bn.weight if bn.affine else None,
+                                 bn.bias if bn.affine else None, bn.training))
+
+
+def _fold_params(layer: nn.Module, bn: BNParams) -> None:
     if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and layer.groups != 1:
         raise ValueError("cannot fold BatchNorm into a grouped ConvTranspose")
     with torch.no_grad():
-        w, b = fold_bn_weights(
-            layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
-            bn.weight if bn.affine else None, bn.bias if bn.affine else None, _out_axis(layer),
-        )
+        w, b = fold_bn_weights(layer.weight, layer.bias, bn.mean, bn.var, bn.eps, bn.gamma, bn.beta, _out_axis(layer))
         layer.weight.copy_(w)
         if layer.bias is None:
             layer.bias = nn.Parameter(b)
@@ -78,20 +82,88 @@ def fold_into(layer: nn.Module, bn: nn.Module) -> None:
             layer.bias.copy_(b)
 
 
-def _foldable_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Module, nn.Module] | None:
-    if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), BATCHNORMS):
+@dataclass(frozen=True)
+class BNParams:
+    """An eval-mode batch norm's statistics and affine parameters, wherever they came from."""
+
+    name: str
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+    gamma: torch.Tensor | None
+    beta: torch.Tensor | None
+    training: bool
+
+
+# Positions of (input, weight, bias, running_mean, running_var, training, eps) in each functional form.
+_FUNCTIONAL_BN = {
+    torch.batch_norm: (0, 1, 2, 3, 4, 5, 7),  # aten order: input, weight, bias, mean, var, training, momentum, eps
+    F.batch_norm: (0, 3, 4, 1, 2, 5, 7),  # input, running_mean, running_var, weight, bias, training, momentum, eps
+}
+_F_BN_KWARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _value(gm: fx.GraphModule, arg):
+    """A constant argument: a get_attr node's tensor, or the literal itself."""
+    if isinstance(arg, fx.Node):
+        if arg.op != "get_attr":
+            raise ValueError("not a constant")
+        obj = gm
+        for part in str(arg.target).split("."):
+            obj = getattr(obj, part)
+        return obj.detach()
+    return arg
+
+
+def _bn_params(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, BNParams] | None:
+    """``(input node, parameters)`` of a batch-norm node (module or functional form), or None."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), BATCHNORMS):
+        bn = gm.get_submodule(node.target)
+        if not bn.track_running_stats or bn.running_mean is None:
+            return None
+        params = BNParams(str(node.target), bn.running_mean, bn.running_var, bn.eps,
+                          bn.weight if bn.affine else None, bn.bias if bn.affine else None, bn.training)
+        return (node.args[0] if node.args else None), params
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_BN:
         return None
-    prev = node.args[0] if node.args else None
+    args = list(node.args)
+    if node.target is F.batch_norm:
+        args += [node.kwargs.get(k) for k in _F_BN_KWARGS[len(args):]]
+    elif node.kwargs:
+        return None
+    x, w, b, mean, var, training, eps = (args[i] if i < len(args) else None for i in _FUNCTIONAL_BN[node.target])
+    name = node.name
+    if isinstance(mean, fx.Node) and str(mean.target).endswith(".running_mean"):
+        name = str(mean.target)[: -len(".running_mean")]  # the batch norm module it came from
+    try:
+        mean, var, w, b = (_value(gm, v) for v in (mean, var, w, b))
+    except ValueError:
+        return None
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        return None
+    eps = 1e-5 if eps is None else float(eps)
+    return x, BNParams(name, mean, var, eps, w, b, bool(training))
+
+
+def _foldable_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Module, BNParams] | None:
+    found = _bn_params(gm, node)
+    if found is None:
+        return None
+    prev, params = found
     if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
         return None
     layer = gm.get_submodule(prev.target)
     if not isinstance(layer, FOLDABLE):
         return None
-    return prev, layer, gm.get_submodule(node.target)
+    if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) and layer.groups != 1:
+        return None
+    return prev, layer, params
 
 
 def fold_bn_graph(gm: fx.GraphModule) -> list[str]:
-    """Fold every BatchNorm that directly follows a Conv/Linear in a traced graph; returns folded BN names."""
+    """Fold every batch norm that directly follows a Conv/Linear in a captured graph, by pattern: the
+    ``nn.BatchNorm*`` module and the functional ``batch_norm`` (library "norm + activation" modules, ATen
+    graphs) alike, wherever the modules nest. Returns the folded batch norms' names."""
     folded = []
     for node in list(gm.graph.nodes):
         pair = _foldable_pair(gm, node)
@@ -99,11 +171,11 @@ def fold_bn_graph(gm: fx.GraphModule) -> list[str]:
             continue
         prev, layer, bn = pair
         if bn.training:
-            raise ValueError(f"BatchNorm {node.target} is in training mode; call model.eval() before prepare_")
-        fold_into(layer, bn)
+            raise ValueError(f"BatchNorm {bn.name} is in training mode; call model.eval() before prepare_")
+        _fold_params(layer, bn)
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
-        folded.append(str(node.target))
+        folded.append(bn.name)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -33,7 +33,7 @@ FUNCTION_KINDS = {
     operator.add: "add", torch.add: "add", operator.iadd: "add",
     torch.cat: "cat", torch.concat: "cat",
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
-    F.adaptive_avg_pool2d: "pool", F.avg_pool2d: "pool", F.max_pool2d: "pool",
+    F.adaptive_avg_pool2d: "pool", F.avg_pool2d: "pool", F.max_pool2d: "pool", torch.max_pool2d: "pool",
 }
 METHOD_KINDS = {"add": "add", "matmul": "matmul"}
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d, nn.MaxPool1d)
@@ -41,10 +41,13 @@ POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvg
 # is placed on their input instead, so the engine sees ``producer → Q → DQ → pad/flatten → consumer`` and
 # can fuse the producer (and fold the pad into the conv).
 PASS_MODULES = (nn.ZeroPad2d, nn.Dropout, nn.Identity, nn.Flatten)
-PASS_FUNCTIONS = (torch.flatten, F.dropout, torch.reshape)
+PASS_FUNCTIONS = (torch.flatten, F.dropout, torch.dropout, torch.reshape, torch.clone)
 PASS_METHODS = ("flatten", "view", "reshape", "contiguous")
 FLOAT_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", torch.sigmoid: "sigmoid", F.softmax: "softmax",
-                   F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh", F.layer_norm: "layer_norm"}
+                   torch.softmax: "softmax", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
+                   F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm", F.hardswish: "hardswish",
+                   F.hardsigmoid: "hardsigmoid", torch.batch_norm: "batch_norm", F.batch_norm: "batch_norm",
+                   F.scaled_dot_product_attention: "scaled_dot_product_attention"}
 
 
 @dataclass
@@ -84,10 +87,21 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
         if isinstance(mod, POOL_MODULES):
             return str(node.target), "pool"
     elif node.op == "call_function" and node.target in FUNCTION_KINDS:
-        return node.name, FUNCTION_KINDS[node.target]
+        kind = FUNCTION_KINDS[node.target]
+        return (_pool_module_name(node) if kind == "pool" else None) or node.name, kind
     elif node.op == "call_method" and node.target in METHOD_KINDS:
         return node.name, METHOD_KINDS[node.target]
     return None
+
+
+def _pool_module_name(node: fx.Node) -> str | None:
+    """The qualified name of the pooling module a captured (``torch.export``) pool call came from, if any."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, kind = list(stack.values())[-1]
+    kind = getattr(kind, "__name__", str(kind)).rpartition(".")[2]
+    return path if path and kind in {cls.__name__ for cls in POOL_MODULES} else None
 
 
 def find_sites(gm: fx.GraphModule, recipe: Recipe) -> GraphPlan:
@@ -128,6 +142,10 @@ def producer_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     elif node.op == "call_function":
         if node.target is F.relu6:
             return (0.0, 6.0)
+        if node.target is F.hardtanh:
+            lo, hi = (list(node.args[1:3]) + [-1.0, 1.0][len(node.args[1:3]):])
+            lo, hi = node.kwargs.get("min_val", lo), node.kwargs.get("max_val", hi)
+            return (float(lo), float(hi))
         if node.target in (F.relu, torch.relu):
             return (0.0, None)
     elif node.op == "call_method" and node.target == "relu":
@@ -144,8 +162,17 @@ def _is_pass_through(gm: fx.GraphModule, node: fx.Node, zero_is_code_zero: bool)
             return False  # engines pad fused convs with code 0, which is real 0 only when z = 0
         return isinstance(mod, PASS_MODULES)
     if node.op == "call_function":
+        if node.target is F.pad:
+            return zero_is_code_zero and _is_zero_pad(node)
         return node.target in PASS_FUNCTIONS
     return node.op == "call_method" and node.target in PASS_METHODS
+
+
+def _is_zero_pad(node: fx.Node) -> bool:
+    """``F.pad(x, pads)`` / ``F.pad(x, pads, "constant", 0)``: zero padding."""
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    return mode == "constant" and value in (None, 0, 0.0)
 
 
 def quantization_point(

@@ -1,9 +1,9 @@
 """``prepare_`` and ``convert_``: put quantizers into a float model, then freeze them.
 
-prepare_: eval-mode model → BatchNorm folded → graph captured (torch.fx) → Conv/Linear swapped for
-quantized twins → activation quantizers on every tensor an int8 op consumes. A model that cannot be traced
-falls back to module swap (each Conv/Linear quantizes its own input) with a warning that names the
-functional ops left in float.
+prepare_: eval-mode model → graph captured (``torch.export``, else ``torch.fx``; see ``transforms.capture``)
+→ BatchNorm folded → Conv/Linear swapped for quantized twins → activation quantizers on every tensor an
+int8 op consumes. A model neither path can capture falls back to module swap (each Conv/Linear quantizes
+its own input) with a warning that names the functional ops left in float.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from lowbit.core import PerChannel, QuantSpec
 from lowbit.nn import QUANT_MODULES, QuantLayerMixin, QuantState, TensorQuantizer, from_float
+from lowbit.transforms.capture import capture_model
 from lowbit.transforms.bn_fold import fold_bn_graph, fold_bn_sequential
 from lowbit.transforms.graph import find_sites, insert_activation_quantizers, link_engine_kernels
 from lowbit.transforms.recipe import Recipe
@@ -35,6 +36,8 @@ class PrepareInfo:
     float_layers: list[tuple[str, str]] = field(default_factory=list)
     layer_inputs: dict[str, list[str]] = field(default_factory=dict)
     layer_kinds: dict[str, str] = field(default_factory=dict)
+    capture: str = ""
+    capture_path: str = ""
 
 
 def _weight_spec(spec: QuantSpec | None, mod: nn.Module) -> QuantSpec | None:
@@ -119,26 +122,33 @@ def _prepare_swapped(model: nn.Module, recipe: Recipe, reason: str, example_inpu
     return info
 
 
-def prepare_(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | None = None) -> nn.Module:
+def prepare_(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | None = None,
+             capture: str = "auto") -> nn.Module:
     """Fold BatchNorm and insert quantizers as ``recipe`` says.
 
     The model's own modules are modified (BN folded, Conv/Linear swapped); use the returned module, which
     is a ``torch.fx.GraphModule`` when graph capture succeeded. ``copy.deepcopy`` the model first to keep
     the float original.
 
+    Args:
+        capture: ``auto`` (``torch.export``, else ``torch.fx``, else module swap), ``export``, ``fx`` or
+            ``swap`` (see ``transforms.capture.capture_model``).
+
     Returns:
         the prepared model, with ``model.lowbit_info`` (:class:`PrepareInfo`).
     """
     if model.training:
         raise ValueError("prepare_ needs an eval-mode model (BatchNorm folding uses running statistics): call model.eval()")
-    try:
-        prepared = fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 — any tracing failure means: fall back to module swap
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        info = _prepare_swapped(model, recipe, reason, example_input)
+    cap = capture_model(model, example_input, capture)
+    log.info("%s", cap.describe())
+    if cap.graph_module is None:
+        info = _prepare_swapped(model, recipe, "; ".join(cap.fallback_reasons), example_input)
         prepared = model
     else:
+        prepared = cap.graph_module
         info = _prepare_traced(prepared, recipe)
+    info.capture = cap.describe()
+    info.capture_path = cap.path
     prepared.lowbit_info = info
     prepared.eval()
     return prepared

@@ -1,0 +1,337 @@
+"""Graph capture: ``torch.export`` (ATen IR) first, ``torch.fx`` symbolic tracing second, module swap last.
+
+``torch.export`` runs the model on an example input and records every ATen op it calls, so it sees through
+library code that ``torch.fx`` cannot trace (``scaled_dot_product_attention`` with tensor arguments,
+``**kwargs`` forwards, data-dependent Python). Its graph is turned into a plain ``torch.fx.GraphModule``
+that the rest of lowbit (BN folding, Q/DQ placement, the TorchScript ONNX exporter) works on:
+
+1. ATen overloads become the ``torch`` functions of the same name (``aten.add.Tensor`` → ``torch.add``,
+   ``aten.view`` → ``Tensor.view``), in-place ops their out-of-place twins, and ``sym_size`` a ``Tensor.size``
+   call, so the graph re-traces with a dynamic batch axis;
+2. every ``conv*`` / ``linear`` call whose weight is the parameter of a matching ``nn.Conv*`` / ``nn.Linear``
+   of the original model becomes a call of that module again (same qualified name, so recipe rules match);
+3. the captured graph is run on the example input and compared with the model; a mismatch is a failure
+   of the capture, not something to quantize.
+
+Data-dependent control flow is specialised to the example input: ``torch.export`` keeps the branch taken
+and records a guard; lowbit logs that the graph was specialised and names the guards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CAPTURE_PATHS = ("torch.export", "torch.fx", "module swap")
+
+
+@dataclass
+class Capture:
+    """Result of :func:`capture`: the graph (None for module swap), the path used and why others failed."""
+
+    graph_module: fx.GraphModule | None
+    path: str
+    fallback_reasons: list[str] = field(default_factory=list)
+    specialised: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line: the capture path and, on fallback, why the earlier paths failed."""
+        line = f"graph capture: {self.path}"
+        if self.fallback_reasons:
+            line += " (" + "; ".join(self.fallback_reasons) + ")"
+        if self.specialised:
+            line += f"; graph specialised to the example input ({', '.join(self.specialised[:3])})"
+        return line
+
+
+def _size(x: torch.Tensor, dim: int) -> int:
+    return x.size(dim)
+
+
+def _slice(x: torch.Tensor, dim: int = 0, start=None, end=None, step: int = 1) -> torch.Tensor:
+    index = [slice(None)] * x.dim()
+    index[dim] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+# ATen ops whose torch-namespace twin does not exist or has another signature.
+SPECIAL = {
+    "sym_size": _size,
+    "slice": _slice,
+    "linear": F.linear,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "hardtanh": F.hardtanh,
+    "leaky_relu": F.leaky_relu,
+    "elu": F.elu,
+    "mish": F.mish,
+    "softplus": F.softplus,
+    "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "adaptive_avg_pool1d": F.adaptive_avg_pool1d,
+    "avg_pool2d": F.avg_pool2d,
+    "pad": F.pad,
+    "scaled_dot_product_attention": F.scaled_dot_product_attention,
+    "upsample_nearest2d": torch._C._nn.upsample_nearest2d,
+    "upsample_bilinear2d": torch._C._nn.upsample_bilinear2d,
+}
+# ATen ops that are Tensor methods only.
+METHODS = {"view", "expand", "contiguous", "type_as", "expand_as", "repeat", "new_zeros", "new_ones", "fill_"}
+
+
+def _torch_twin(op) -> tuple[str, object] | None:
+    """``("call_function", fn)`` or ``("call_method", name)`` for an ATen overload, or None to keep it."""
+    name = op._opname
+    if name.endswith("_") and not name.startswith("_") and name.rstrip("_") not in METHODS:
+        name = name[:-1]  # in-place → out-of-place (the graph is checked against the model afterwards)
+    if name in SPECIAL:
+        return "call_function", SPECIAL[name]
+    if name in METHODS:
+        return "call_method", name
+    fn = getattr(torch, name, None)
+    if callable(fn):
+        return "call_function", fn
+    fn = getattr(torch._C._nn, name, None)
+    if callable(fn):
+        return "call_function", fn
+    return None
+
+
+def _normalise(gm: fx.GraphModule) -> list[str]:
+    """Rewrite ATen overloads as torch calls (in place); returns the ops kept as ATen calls."""
+    kept = set()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            continue
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        twin = _torch_twin(node.target)
+        if twin is None:
+            kept.add(str(node.target))
+            continue
+        node.op, node.target = twin
+    return sorted(kept)
+
+
+LIFTABLE = {
+    F.linear: (nn.Linear,),
+    torch.conv1d: (nn.Conv1d,),
+    torch.conv2d: (nn.Conv2d,),
+    torch.conv_transpose2d: (nn.ConvTranspose2d,),
+}
+
+
+def _op_args(mod: nn.Module) -> tuple[list, list, int]:
+    """``(module's own arguments, the op's defaults, index of groups)`` after ``(x, weight, bias)``."""
+    if isinstance(mod, nn.ConvTranspose2d):
+        return [mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation], [1, 0, 0, 1, 1], 3
+    return [mod.stride, mod.padding, mod.dilation, mod.groups], [1, 0, 1, 1], 3
+
+
+def _same_call(node: fx.Node, mod: nn.Module) -> bool:
+    """True when the node's arguments are exactly what ``mod(x)`` passes to its op (defaults filled in)."""
+    if getattr(mod, "padding_mode", "zeros") != "zeros" or node.kwargs:
+        return False
+    if isinstance(mod, nn.Linear):
+        return len(node.args) <= 3
+    want, defaults, groups_at = _op_args(mod)
+    got = list(node.args[3:]) + defaults[max(len(node.args) - 3, 0):]
+    n = mod.weight.ndim - 2
+
+    def norm(v, i):
+        if i == groups_at or isinstance(v, str):
+            return v
+        return (v,) * n if isinstance(v, int) else tuple(v)
+
+    return [norm(v, i) for i, v in enumerate(got)] == [norm(v, i) for i, v in enumerate(want)]
+
+
+def _owner(model: nn.Module, node: fx.Node) -> tuple[str, nn.Module] | None:
+    """``(qualified name, module)`` of the original layer whose weight ``node`` (a get_attr) reads."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or not str(node.target).endswith(".weight"):
+        return None
+    path = str(node.target)[: -len(".weight")]
+    try:
+        return path, model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _lift_layers(gm: fx.GraphModule, model: nn.Module) -> int:
+    """Turn ``conv*`` / ``linear`` calls on a layer's own parameters back into calls of that layer."""
+    lifted = 0
+    for node in list(gm.graph.nodes):
+        kinds = LIFTABLE.get(node.target) if node.op == "call_function" else None
+        if kinds is None or len(node.args) < 2:
+            continue
+        owner = _owner(model, node.args[1])
+        if owner is None or not isinstance(owner[1], kinds) or type(owner[1]) not in kinds:
+            continue
+        path, mod = owner
+        bias = node.args[2] if len(node.args) > 2 else None
+        bias_ok = (mod.bias is None and bias is None) or (
+            isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias")
+        if not bias_ok or not _same_call(node, mod):
+            continue
+        gm.add_submodule(path, mod) if not _has_module(gm, path, mod) else None
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(path, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        lifted += 1
+    gm.graph.eliminate_dead_code()
+    return lifted
+
+
+def _has_module(gm: fx.GraphModule, path: str, mod: nn.Module) -> bool:
+    try:
+        return gm.get_submodule(path) is mod
+    except AttributeError:
+        return False
+
+
+def _check_equal(gm: fx.GraphModule, model: nn.Module, example: torch.Tensor) -> None:
+    """Raise when the captured graph does not compute what the model computes on ``example``."""
+    with torch.no_grad():
+        ref, got = model(example), gm(example)
+    ref, got = _first_tensor(ref), _first_tensor(got)
+    if ref.shape != got.shape:
+        raise RuntimeError(f"captured graph gives shape {tuple(got.shape)}, the model {tuple(ref.shape)}")
+    tol = 1e-4 * float(ref.abs().max()) + 1e-5
+    err = float((ref.float() - got.float()).abs().max())
+    if err > tol:
+        raise RuntimeError(f"captured graph differs from the model by {err:.3g} (tolerance {tol:.3g})")
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)) and out:
+        return _first_tensor(out[0])
+    raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
+
+
+def _module_root(model: nn.Module, ep_module: fx.GraphModule) -> dict:
+    """Every attribute the graph reads, taken from the original model where it exists (shared tensors)."""
+    root = {}
+    for node in ep_module.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        try:
+            root[target] = model.get_submodule(target) if node.op == "call_module" else _attr(model, target)
+        except AttributeError:
+            root[target] = _attr(ep_module, target)
+    return root
+
+
+def _attr(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _guards(ep) -> list[str]:
+    """Human-readable guards ``torch.export`` recorded (the branches it specialised on), if any."""
+    try:
+        guards = [str(g) for g in ep.graph_module.meta.get("guards", [])]
+    except Exception:  # noqa: BLE001 — best effort only
+        guards = []
+    return guards
+
+
+def export_capture(model: nn.Module, example: torch.Tensor) -> Capture:
+    """Capture ``model`` with ``torch.export`` (dynamic batch axis) as a plain, checked ``fx.GraphModule``.
+
+    Raises:
+        Exception: whatever ``torch.export`` raises, or RuntimeError when the captured graph does not match.
+    """
+    batch2 = torch.cat([example[:1], example[:1]])  # batch 1 would be specialised to a constant
+    dims = ({0: torch.export.Dim.AUTO},)
+    ep = torch.export.export(model, (batch2,), dynamic_shapes=dims, strict=False)
+    flat = ep.module()
+    root = _module_root(model, flat)
+    graph = flat.graph
+    gm = fx.GraphModule(root, graph)
+    kept = _normalise(gm)
+    if kept:
+        log.debug("ATen ops kept as they are: %s", ", ".join(kept))
+    gm.graph.lint()
+    gm.recompile()
+    lifted = _lift_layers(gm, model)
+    gm.graph.lint()
+    gm.recompile()
+    _strip_output_pytree(gm)
+    _check_equal(gm, model, example)
+    log.debug("torch.export: %d layers lifted back to modules", lifted)
+    return Capture(gm, "torch.export", specialised=_guards(ep))
+
+
+def _strip_output_pytree(gm: fx.GraphModule) -> None:
+    """Make the graph take one positional input and return its first tensor output directly."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    while isinstance(value, (list, tuple)) and len(value) >= 1:
+        value = value[0]
+    if isinstance(value, dict):
+        value = next(iter(value.values()))
+    out.args = (value,)
+    gm._out_spec = None
+    gm._in_spec = None
+    gm.graph._codegen = fx.graph.CodeGen()
+    gm.recompile()
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    msg = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+CAPTURE_CHOICES = ("auto", "export", "fx", "swap")
+
+
+def capture_model(model: nn.Module, example_input: torch.Tensor | None, how: str = "auto") -> Capture:
+    """Capture ``model``'s graph: ``torch.export`` first, then ``torch.fx``; ``Capture.graph_module`` is None
+    when both fail (the caller falls back to module swap). ``Capture.describe()`` is the one line to show.
+
+    Args:
+        how: ``auto`` (export → fx → module swap), or one path only: ``export`` (failure raises), ``fx`` (fx →
+            module swap, the pre-export behaviour), ``swap`` (module swap).
+    """
+    if how not in CAPTURE_CHOICES:
+        raise ValueError(f"unknown capture {how!r}; valid: {', '.join(CAPTURE_CHOICES)}")
+    if how == "swap":
+        return Capture(None, "module swap", ["module swap requested"])
+    if how == "export":
+        if example_input is None:
+            raise ValueError("capture 'export' needs an example input")
+        return export_capture(model, example_input)
+    reasons = []
+    if how == "fx":
+        reasons.append("torch.fx requested")
+    elif example_input is None:
+        reasons.append("torch.export needs an example input")
+    else:
+        try:
+            return export_capture(model, example_input)
+        except Exception as exc:  # noqa: BLE001 — any failure means: try the next path
+            reasons.append(f"torch.export failed: {_one_line(exc)}")
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001
+        reasons.append(f"torch.fx failed: {_one_line(exc)}")
+        return Capture(None, "module swap", reasons)
+    return Capture(gm, "torch.fx", reasons)
