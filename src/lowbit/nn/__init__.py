@@ -9,9 +9,9 @@ from lowbit.nn.modules import (
     QuantLinear,
     from_float,
 )
-from lowbit.nn.quantizer import QuantState, TensorQuantizer, quantizers_disabled, unsigned_variant
+from lowbit.nn.quantizer import QuantState, Requantize, TensorQuantizer, quantizers_disabled, unsigned_variant
 
 __all__ = [
     "QUANT_MODULES", "QuantConv1d", "QuantConv2d", "QuantConvTranspose2d", "QuantLayerMixin", "QuantLinear",
-    "QuantState", "TensorQuantizer", "from_float", "quantizers_disabled", "unsigned_variant",
+    "QuantState", "Requantize", "TensorQuantizer", "from_float", "quantizers_disabled", "unsigned_variant",
 ]

@@ -261,9 +261,28 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     def _integer_op(self, a, w, b):
         return F.linear(a, w, b)
 
+    def _matmul_to_float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ONNX Runtime's ``MatMulIntegerToFloat`` + float bias ``Add`` + ``QuantizeLinear``, bit for bit:
+        ``y = fl32(acc) · fl32(s_x · s_w) + fl32(q_b · s_b)``, then the output quantizer (see ``nn.engine``)."""
+        q_in, wq = self.effective_input_quantizer(), self.weight_quantizer
+        a = codes_of(x, q_in.scale)
+        w_scale, w_zp = wq.expanded(self.weight.shape)
+        w = (wq.quantize_codes(self.weight) - w_zp).float()
+        dtype = exact_dtype(a, w, None, tuple(range(1, w.ndim)))
+        acc = F.linear(a.to(dtype), w.to(dtype)).float()
+        y = acc * (q_in.scale.float().reshape(()) * wq.scale.float().reshape(-1))
+        grid = self.bias_qparams()
+        if grid is not None:
+            y = y + torch.clamp(torch.round(self.bias.detach() / grid[0]), INT32_MIN, INT32_MAX) * grid[0]
+        elif self.bias is not None:
+            y = y + self.bias.detach()
+        return self.__dict__["_engine_output"](y)
+
     def forward(self, x):
+        # 2-D input exports as Gemm (QGemm: integer requantization, emulated exactly); higher ranks export as
+        # MatMul + Add, which ONNX Runtime runs as MatMulIntegerToFloat + float Add + Q: the float form is exact.
         if self._engine_ready():
-            return self._engine_forward(x)
+            return self._engine_forward(x) if x.dim() == 2 else self._matmul_to_float_forward(x)
         w, b = self._weight_and_bias()
         return self.output_quantizer(F.linear(self.input_quantizer(x), w, b))
 

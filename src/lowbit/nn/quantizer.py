@@ -196,3 +196,26 @@ def quantizers_disabled(model: nn.Module):
     finally:
         for q, was in zip(qs, before):
             q.enabled = was
+
+
+class Requantize(nn.Module):
+    """A shared quantizer applied once more, after ops that only move data (flatten, reshape, view).
+
+    ``Q(DQ(Q(x))) = Q(x)`` for the same qparams, so values do not change; the exported graph reads
+    ``DQ → Flatten → Q → DQ → Gemm``, which ONNX Runtime runs on integer tensors end to end (the data-movement
+    op between a DQ and a Q with equal qparams runs on the codes, and the consumer fuses its integer kernel).
+    It never observes: while the quantizer calibrates, this passes the tensor through.
+    """
+
+    def __init__(self, quantizer: TensorQuantizer) -> None:
+        super().__init__()
+        self.__dict__["quantizer"] = quantizer  # owned by the graph, not by this module
+
+    @property
+    def source(self) -> TensorQuantizer:
+        """The quantizer re-applied."""
+        return self.__dict__["quantizer"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.source
+        return q(x) if q.is_active else x

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import QuantSpec
-from lowbit.nn import QUANT_MODULES, QuantLayerMixin, TensorQuantizer, unsigned_variant
+from lowbit.nn import QUANT_MODULES, QuantLayerMixin, Requantize, TensorQuantizer, unsigned_variant
 from lowbit.nn.functional import QuantAdd
+from lowbit.transforms.engine_ops import ELEMENTWISE_KINDS, FLOAT_OUTPUT_OK, elementwise_kind, output_point
 from lowbit.transforms.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,16 @@ def _tensor_args(node: fx.Node, kind: str) -> list[fx.Node]:
     if kind == "cat":
         seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
         return [a for a in seq if isinstance(a, fx.Node)]
-    args = list(node.args[:2]) if kind in ("add", "matmul") else list(node.args[:1])
+    args = list(node.args[:2]) if kind in ("add", "matmul", "mul") else list(node.args[:1])
     return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr"]
 
 
-def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
+def _classify(gm: fx.GraphModule, node: fx.Node, target: str = "onnxruntime") -> tuple[str, str] | None:
     """``(layer name, type name)`` of a quantizable node, or None."""
+    if target == "onnxruntime":
+        kind = elementwise_kind(gm, node)
+        if kind is not None:
+            return (str(node.target) if node.op == "call_module" else node.name), kind
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if type(mod) in QUANT_MODULES:
@@ -108,17 +113,19 @@ def find_sites(gm: fx.GraphModule, recipe: Recipe) -> GraphPlan:
     """Walk the graph once and resolve the recipe for every quantizable op."""
     plan = GraphPlan()
     for node in gm.graph.nodes:
-        found = _classify(gm, node)
+        found = _classify(gm, node, recipe.target)
         if found is None:
             if node.op == "call_function" and node.target in FLOAT_FUNCTIONS:
                 plan.float_layers.append((node.name, f"{FLOAT_FUNCTIONS[node.target]}: no int8 kernel, runs in float"))
             continue
         name, kind = found
         weight, inp = recipe.resolve(name, kind)
-        if kind in ("add", "cat", "matmul", "pool"):
+        if kind in ("add", "cat", "matmul", "pool", *ELEMENTWISE_KINDS):
             weight = None
             inputs = _tensor_args(node, kind)
-            if kind == "add" and len(inputs) < 2:
+            if kind in ("add", "mul") and len(inputs) < 2:
+                if kind == "mul":
+                    plan.float_layers.append((name, "mul by a constant: runs in float"))
                 continue  # x + constant: nothing to quantize jointly
         else:
             inputs = _tensor_args(node, kind)
@@ -203,15 +210,10 @@ def _key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
-def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe) -> dict[str, list[str]]:
-    """Insert one shared quantizer per (tensor, spec) consumed by a quantized site.
+Use = tuple  # (consuming Site or None for an output demand, node to rewire, tensor it read)
 
-    Returns:
-        layer name → names of the quantizers on its inputs (``lowbit_act.<key>``).
-    """
-    holder = nn.ModuleDict()
-    gm.add_module("lowbit_act", holder)
-    demands: dict[tuple[fx.Node, QuantSpec], list[tuple[Site, fx.Node, fx.Node]]] = {}
+
+def _input_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands: dict, requants: list) -> None:
     for site in plan.sites:
         if site.input is None:
             continue
@@ -219,37 +221,105 @@ def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Re
             src, user = quantization_point(gm, arg, site.node, site.input)
             spec = _activation_spec(site.input, producer_bounds(gm, src), recipe)
             demands.setdefault((src, spec), []).append((site, user, arg))
+            if recipe.target == "onnxruntime" and src is not arg and _moves_data(gm, arg, src):
+                requants.append((src, spec, site.node, arg))
+
+
+def _moves_data(gm: fx.GraphModule, arg: fx.Node, src: fx.Node) -> bool:
+    """True when the chain ``src → … → arg`` holds an op other than zero padding (flatten, view, reshape)."""
+    node = arg
+    while node is not src:
+        if not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ZeroPad2d)) and \
+                not (node.op == "call_function" and node.target is F.pad):
+            return True
+        node = node.args[0]
+    return False
+
+
+def _output_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands: dict) -> None:
+    """ONNX Runtime fuses an op into its integer kernel only with a Q on its output: give every quantized op
+    one (after the ReLU/ReLU6 it folds), whatever reads it — unless a ``QGemm`` may write float (graph output)."""
+    if recipe.target != "onnxruntime":
+        return
+    for site in plan.sites:
+        if site.input is None or (site.kind == "pool" and not site.inputs):
+            continue
+        out = output_point(site.node, lambda n: producer_bounds(gm, n))
+        users = list(out.users)
+        if not users or (any(u.op == "output" for u in users) and site.kind in FLOAT_OUTPUT_OK):
+            continue
+        spec = _activation_spec(site.input, producer_bounds(gm, out), recipe)
+        known = demands.setdefault((out, spec), [])
+        rewired = {user for _, user, _ in known}
+        known.extend((None, user, out) for user in users if user not in rewired)
+
+
+def _quantizer_key(uses: list, taken: set, suffix_out: str) -> tuple[str, str]:
+    first = next((u for u in uses if u[0] is not None), None)
+    if first is None:
+        base, qname = suffix_out, f"{suffix_out}.output_quantizer"
+    else:
+        site, _, arg = first
+        base = site.name + ("" if len(site.inputs) == 1 else f"_{site.inputs.index(arg)}")
+        qname = f"{site.name}.input_quantizer"
+    key = _key(base)
+    while key in taken:
+        key += "_q"
+    taken.add(key)
+    return key, qname
+
+
+def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe) -> dict[str, list[str]]:
+    """Insert one shared quantizer per (tensor, spec) consumed by a quantized site, plus (ONNX Runtime) one on
+    every quantized op's output and a re-application after data-movement ops (see ``transforms.engine_ops``).
+
+    Returns:
+        layer name → names of the quantizers on its inputs (``lowbit_act.<key>``).
+    """
+    holder = nn.ModuleDict()
+    gm.add_module("lowbit_act", holder)
+    demands: dict[tuple[fx.Node, QuantSpec], list[Use]] = {}
+    requants: list = []
+    _input_demands(gm, plan, recipe, demands, requants)
+    _output_demands(gm, plan, recipe, demands)
     layer_inputs: dict[str, list[str]] = {}
     # ONNX export names nodes after their module's last name component; a quantizer key equal to a layer's
     # name (``conv1``) would rename that layer (``conv1_1``) in the INT8 graph only, so its tensor names would
     # differ from the FP32 export's (and the TensorRT calibration cache would name missing tensors).
     taken = {name.rpartition(".")[2] for name, _ in gm.named_modules()}
+    placed: dict[tuple[fx.Node, QuantSpec], str] = {}
     for (src, spec), uses in demands.items():
-        first, _, first_arg = uses[0]
-        qname = f"{first.name}.input_quantizer"
-        suffix = "" if len(first.inputs) == 1 else f"_{first.inputs.index(first_arg)}"
-        key = _key(first.name + suffix)
-        while key in taken:
-            key += "_q"
-        taken.add(key)
+        key, qname = _quantizer_key(uses, taken, f"{src.name}_out")
         quantizer = TensorQuantizer(spec, qname, bounds=producer_bounds(gm, src))
-        quantizer.consumers = sorted({site.name for site, _, _ in uses})
+        quantizer.consumers = sorted({site.name for site, _, _ in uses if site is not None})
         holder[key] = quantizer
+        placed[(src, spec)] = key
         with gm.graph.inserting_after(src):
             qnode = gm.graph.call_module(f"lowbit_act.{key}", (src,))
         for site, user, _ in uses:
             user.replace_input_with(src, qnode)
-            names = layer_inputs.setdefault(site.name, [])
-            if f"lowbit_act.{key}" not in names:
-                names.append(f"lowbit_act.{key}")
+            if site is not None and f"lowbit_act.{key}" not in layer_inputs.setdefault(site.name, []):
+                layer_inputs[site.name].append(f"lowbit_act.{key}")
+    _insert_requants(gm, holder, placed, requants)
     gm.graph.lint()
     gm.recompile()
     return layer_inputs
 
 
+def _insert_requants(gm: fx.GraphModule, holder: nn.ModuleDict, placed: dict, requants: list) -> None:
+    for src, spec, consumer, arg in requants:
+        key = placed[(src, spec)]
+        rkey = f"{key}_requant_{consumer.name}"
+        holder[_key(rkey)] = Requantize(holder[key])
+        with gm.graph.inserting_before(consumer):
+            rnode = gm.graph.call_module(f"lowbit_act.{_key(rkey)}", (arg,))
+        consumer.replace_input_with(arg, rnode)
+
+
 def _act_quantizer(gm: fx.GraphModule, node: fx.Node) -> TensorQuantizer | None:
     if node.op == "call_module" and str(node.target).startswith("lowbit_act."):
-        return gm.get_submodule(node.target)
+        mod = gm.get_submodule(node.target)
+        return mod if isinstance(mod, TensorQuantizer) else None
     return None
 
 

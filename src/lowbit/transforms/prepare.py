@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from lowbit.core import PerChannel, QuantSpec
 from lowbit.nn import QUANT_MODULES, QuantLayerMixin, QuantState, TensorQuantizer, from_float
 from lowbit.transforms.capture import capture_model
+from lowbit.transforms.engine_ops import decompose_silu
 from lowbit.transforms.bn_fold import fold_bn_graph, fold_bn_sequential
 from lowbit.transforms.graph import find_sites, insert_activation_quantizers, link_engine_kernels
 from lowbit.transforms.recipe import Recipe
@@ -66,6 +67,8 @@ def insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
     """Shared activation quantizers on every consumed tensor, Conv/Linear swapped for quantized twins (in place;
     BatchNorm is not touched: PTQ folds it first, QAT simulates the fold)."""
     info = PrepareInfo(recipe=recipe, traced=True)
+    if recipe.target == "onnxruntime":
+        decompose_silu(gm)  # x · sigmoid(x): QLinearSigmoid + QLinearMul instead of a float SiLU
     plan = find_sites(gm, recipe)
     info.float_layers = plan.float_layers
     info.layer_inputs = insert_activation_quantizers(gm, plan, recipe)

@@ -1,0 +1,86 @@
+"""What each deployment engine runs on integer tensors, and the graph rewrites that let it.
+
+ONNX Runtime (CPU) fuses ``DQ → op → Q`` into an integer kernel for Conv, MatMul, Gemm (``QGemm`` also
+without the output Q), Add, Mul, Concat, Sigmoid, LeakyRelu, the pools, Softmax, and runs Transpose /
+Reshape / Flatten / MaxPool on the codes when the Q/DQ around them share qparams. It has no integer kernel
+for HardSigmoid, HardSwish, Tanh, GELU, LayerNormalization or Erf (measured with ONNX Runtime 1.32: a
+``DQ → op → Q`` triple of these stays float). A heavy op therefore needs a quantizer on its *output* too,
+whatever consumes it, or the engine cannot form its integer kernel; SiLU is rewritten as ``x · sigmoid(x)``
+so that both halves run as QLinearSigmoid and QLinearMul.
+
+TensorRT fuses Q/DQ itself around any op (explicit quantization), so its placement stays at the inputs of
+Conv / MatMul / Gemm and residual adds.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+# Element-wise ops with integer kernels on ONNX Runtime: kind → how many tensor inputs they quantize.
+ORT_ELEMENTWISE_FUNCTIONS = {
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu",
+    torch.mul: "mul", operator.mul: "mul",
+}
+ORT_ELEMENTWISE_METHODS = {"sigmoid": "sigmoid", "mul": "mul"}
+ORT_ELEMENTWISE_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.LeakyReLU, "leaky_relu"))
+ELEMENTWISE_KINDS = ("sigmoid", "leaky_relu", "mul")
+# Kinds whose ONNX form fuses into an integer kernel with a float output (no output Q needed) — ``QGemm``.
+FLOAT_OUTPUT_OK = ("Linear",)
+
+
+def elementwise_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The ONNX Runtime integer element-wise kind of ``node`` (``sigmoid``, ``leaky_relu``, ``mul``), or None."""
+    if node.op == "call_function":
+        return ORT_ELEMENTWISE_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return ORT_ELEMENTWISE_METHODS.get(node.target)
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return next((kind for cls, kind in ORT_ELEMENTWISE_MODULES if type(mod) is cls), None)
+    return None
+
+
+def _is_silu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target is F.silu
+    if node.op == "call_method":
+        return node.target == "silu"
+    return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.SiLU
+
+
+def decompose_silu(gm: fx.GraphModule) -> int:
+    """Rewrite every SiLU as ``x * sigmoid(x)`` (the same function: PyTorch's SiLU is defined so) so that an
+    integer engine can run it as QLinearSigmoid + QLinearMul. Returns the number rewritten."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not _is_silu(gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_after(node):
+            sig = gm.graph.call_function(torch.sigmoid, (x,))
+        with gm.graph.inserting_after(sig):
+            mul = gm.graph.call_function(torch.mul, (x, sig))
+        mul.meta = dict(node.meta)
+        node.replace_all_uses_with(mul)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+def output_point(node: fx.Node, bounds_of) -> fx.Node:
+    """The tensor an engine's fused kernel for ``node`` writes: through ReLU / ReLU6 / Clip that follow it
+    alone (ONNX Runtime folds them into the output quantization), else ``node`` itself."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "output" or bounds_of(user) is None or not user.args or user.args[0] is not node:
+            break
+        node = user
+    return node
