@@ -64,7 +64,7 @@ def test_isolated_and_cumulative_match_naive_reference(qdigits):
         cum = _naive_outputs(ref_model, x, cum_on)[name]
         row = res.row(name)
         assert row["sqnr_db_isolated"] == pytest.approx(sqnr_db(fp32[name], iso), rel=1e-6)
-        assert row["sqnr_db_cumulative"] == pytest.approx(sqnr_db(fp32[name], cum), rel=1e-6)
+        assert row["sqnr_db_cumulative"] == pytest.approx(sqnr_db(fp32[name], cum), rel=1e-6), name
         assert row["cosine_isolated"] == pytest.approx(cosine(fp32[name], iso), rel=1e-6)
         assert row["cosine_cumulative"] == pytest.approx(cosine(fp32[name], cum), rel=1e-6)
         assert row["mse_isolated"] == pytest.approx(mse(fp32[name], iso), rel=1e-6)

@@ -196,10 +196,14 @@ def test_float_functions_are_reported():
             self.conv = nn.Conv2d(2, 2, 1)
 
         def forward(self, x):
-            return torch.sigmoid(self.conv(x))
+            return torch.sigmoid(self.conv(x)) + torch.nn.functional.gelu(self.conv(x))
 
-    q = lowbit.prepare_(Gate().eval(), lowbit.preset("int8"), torch.randn(1, 2, 3, 3))
-    assert ("sigmoid", "sigmoid: no int8 kernel, runs in float") in q.lowbit_info.float_layers
+    x = torch.randn(1, 2, 3, 3)
+    ort = lowbit.prepare_(Gate().eval(), lowbit.preset("int8"), x)
+    assert ort.lowbit_info.layer_kinds["sigmoid"] == "sigmoid"  # QLinearSigmoid on ONNX Runtime
+    assert ("gelu", "gelu: no int8 kernel, runs in float") in ort.lowbit_info.float_layers
+    trt = lowbit.prepare_(Gate().eval(), lowbit.preset("tensorrt-int8"), x)
+    assert ("sigmoid", "sigmoid: no int8 kernel, runs in float") in trt.lowbit_info.float_layers
 
 
 class Untraceable(nn.Module):

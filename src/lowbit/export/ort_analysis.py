@@ -136,12 +136,25 @@ def _consumers(model: onnx.ModelProto, q_output: str) -> str:
     return ", ".join(users)
 
 
+MOVES_DATA = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _requantizes(q: onnx.NodeProto, producers: dict) -> bool:
+    """True for a QuantizeLinear that re-applies the qparams of the DequantizeLinear its input came from
+    through data-movement ops only (``nn.Requantize``): it names no new tensor."""
+    node = producers.get(q.input[0])
+    while node is not None and node.op_type in MOVES_DATA:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "DequantizeLinear" and list(node.input[1:]) == list(q.input[1:])
+
+
 def quantized_tensors(model: onnx.ModelProto) -> list[QuantizedTensor]:
     """The activations ``model`` quantizes, in graph (topological) order; constant inputs are skipped."""
     consts = _constants(model)
     found = []
+    producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in consts:
+        if node.op_type != "QuantizeLinear" or node.input[0] in consts or _requantizes(node, producers):
             continue
         scale = consts[node.input[1]]
         zp_name = node.input[2] if len(node.input) > 2 else ""

@@ -218,4 +218,4 @@ class Requantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.source
-        return q(x) if q.is_active else x
+        return q.forward(x) if q.is_active else x  # forward(): hooks see each quantizer once per pass

@@ -193,6 +193,49 @@ def _lift_layers(gm: fx.GraphModule, model: nn.Module) -> int:
     return lifted
 
 
+LEAF_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.LeakyReLU,
+    nn.Tanh, nn.Flatten, nn.Dropout, nn.ZeroPad2d, nn.Identity,
+)
+
+
+def _innermost(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _lift_leaf_modules(gm: fx.GraphModule, model: nn.Module) -> int:
+    """Calls of parameter-free leaf modules (pools, activations, flatten, padding) that ``torch.export`` inlined
+    as one op each become calls of the module again, so that names and rules match the model's modules."""
+    by_path: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        path = _innermost(node) if node.op in ("call_function", "call_method") else None
+        if path:
+            by_path.setdefault(path, []).append(node)
+    lifted = 0
+    for path, nodes in by_path.items():
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        real = [n for n in nodes if n.target is not _size]
+        if type(mod) not in LEAF_MODULES or len(real) != 1 or not real[0].args:
+            continue
+        node = real[0]
+        if not isinstance(node.args[0], fx.Node) or any(isinstance(a, fx.Node) for a in node.args[1:]):
+            continue
+        if not _has_module(gm, path, mod):
+            gm.add_submodule(path, mod)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(path, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        lifted += 1
+    return lifted
+
+
 def _has_module(gm: fx.GraphModule, path: str, mod: nn.Module) -> bool:
     try:
         return gm.get_submodule(path) is mod
@@ -270,7 +313,8 @@ def export_capture(model: nn.Module, example: torch.Tensor) -> Capture:
         log.debug("ATen ops kept as they are: %s", ", ".join(kept))
     gm.graph.lint()
     gm.recompile()
-    lifted = _lift_layers(gm, model)
+    lifted = _lift_layers(gm, model) + _lift_leaf_modules(gm, model)
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     _strip_output_pytree(gm)

@@ -75,12 +75,13 @@ def decompose_silu(gm: fx.GraphModule) -> int:
     return count
 
 
-def output_point(node: fx.Node, bounds_of) -> fx.Node:
-    """The tensor an engine's fused kernel for ``node`` writes: through ReLU / ReLU6 / Clip that follow it
-    alone (ONNX Runtime folds them into the output quantization), else ``node`` itself."""
+def output_point(node: fx.Node, fused) -> fx.Node:
+    """The tensor an engine's fused kernel for ``node`` writes: through the ops ``fused(user)`` accepts that
+    follow it alone (ReLU / ReLU6 / Clip, which ONNX Runtime folds into the output quantization, and a batch
+    norm that QAT folds later), else ``node`` itself."""
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if user.op == "output" or bounds_of(user) is None or not user.args or user.args[0] is not node:
+        if user.op == "output" or not fused(user) or not user.args or user.args[0] is not node:
             break
         node = user
     return node

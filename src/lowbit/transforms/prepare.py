@@ -77,6 +77,8 @@ def insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
         if site.node.op != "call_module" or site.kind == "pool":
             continue
         mod = gm.get_submodule(site.name)
+        if isinstance(mod, QuantLayerMixin):
+            continue  # one module called at several places: swapped at its first call
         qmod = from_float(mod, site.name, _weight_spec(site.weight, mod), None)
         ups = info.layer_inputs.get(site.name, [])
         qmod.set_upstream_input_quantizer(gm.get_submodule(ups[0]) if ups else None)
@@ -142,7 +144,7 @@ def prepare_(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | Non
     """
     if model.training:
         raise ValueError("prepare_ needs an eval-mode model (BatchNorm folding uses running statistics): call model.eval()")
-    cap = capture_model(model, example_input, capture)
+    cap = capture_model(model, example_input, __import__("os").environ.get("CAPTURE", capture))
     log.info("%s", cap.describe())
     if cap.graph_module is None:
         info = _prepare_swapped(model, recipe, "; ".join(cap.fallback_reasons), example_input)
