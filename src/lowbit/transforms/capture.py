@@ -148,6 +148,8 @@ def _same_call(node: fx.Node, mod: nn.Module) -> bool:
     n = mod.weight.ndim - 2
 
     def norm(v, i):
+        if v == "valid":
+            return (0,) * n
         if i == groups_at or isinstance(v, str):
             return v
         return (v,) * n if isinstance(v, int) else tuple(v)
@@ -174,15 +176,19 @@ def _lift_layers(gm: fx.GraphModule, model: nn.Module) -> int:
         if kinds is None or len(node.args) < 2:
             continue
         owner = _owner(model, node.args[1])
-        if owner is None or not isinstance(owner[1], kinds) or type(owner[1]) not in kinds:
-            continue
+        base = kinds[0]
+        if owner is None or not isinstance(owner[1], base) or type(owner[1]).forward is not base.forward:
+            continue  # a subclass with its own forward is not this op alone
         path, mod = owner
+        if type(mod) is not base:
+            mod = _as_base(mod, base)
         bias = node.args[2] if len(node.args) > 2 else None
         bias_ok = (mod.bias is None and bias is None) or (
             isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias")
         if not bias_ok or not _same_call(node, mod):
             continue
-        gm.add_submodule(path, mod) if not _has_module(gm, path, mod) else None
+        if not _has_module(gm, path, mod):
+            gm.add_submodule(path, mod)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(path, (node.args[0],))
         new.meta = dict(node.meta)
@@ -234,6 +240,14 @@ def _lift_leaf_modules(gm: fx.GraphModule, model: nn.Module) -> int:
         gm.graph.erase_node(node)
         lifted += 1
     return lifted
+
+
+def _as_base(mod: nn.Module, base: type) -> nn.Module:
+    """A ``base`` instance sharing ``mod``'s parameters and settings (a subclass that only renames the class)."""
+    new = base.__new__(base)
+    new.__dict__ = mod.__dict__.copy()
+    new._parameters, new._buffers, new._modules = dict(mod._parameters), dict(mod._buffers), dict(mod._modules)
+    return new
 
 
 def _has_module(gm: fx.GraphModule, path: str, mod: nn.Module) -> bool:

@@ -85,3 +85,82 @@ def output_point(node: fx.Node, fused) -> fx.Node:
             break
         node = user
     return node
+
+
+def _causal_fill(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with every key after its query masked out (``-inf``), as ``is_causal=True`` does."""
+    q_len, k_len = scores.shape[-2], scores.shape[-1]
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+def _sdpa_args(node: fx.Node) -> dict | None:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    if set(args) - set(names) or args.get("dropout_p", 0.0) not in (0, 0.0) or args.get("enable_gqa", False):
+        return None
+    q = args.get("query")
+    val = q.meta.get("val") if isinstance(q, fx.Node) else None
+    if args.get("scale") is None:
+        if val is None:
+            return None
+        args["scale"] = 1.0 / float(val.shape[-1]) ** 0.5
+    return args
+
+
+def decompose_attention(gm: fx.GraphModule) -> int:
+    """Rewrite ``scaled_dot_product_attention`` as ``softmax(q kᵀ · scale + mask) v`` (the same function) so
+    that both matrix products become quantizable MatMul sites (QLinearMatMul); the softmax stays float.
+    Calls with dropout or grouped-query heads are left alone. Returns the number rewritten."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            continue
+        args = _sdpa_args(node)
+        if args is None:
+            continue
+        g = gm.graph
+        with g.inserting_before(node):
+            kt = g.call_function(torch.transpose, (args["key"], -2, -1))
+            scores = g.call_function(torch.matmul, (args["query"], kt))
+            scores = g.call_function(operator.mul, (scores, args["scale"]))
+            mask = args.get("attn_mask")
+            if isinstance(mask, fx.Node):
+                is_bool = getattr(mask.meta.get("val"), "dtype", None) == torch.bool
+                if is_bool:
+                    scores = g.call_function(torch.masked_fill, (scores, g.call_function(torch.logical_not, (mask,)),
+                                                                 float("-inf")))
+                else:
+                    scores = g.call_function(torch.add, (scores, mask))
+            if args.get("is_causal"):
+                scores = g.call_function(_causal_fill, (scores,))
+            probs = g.call_function(torch.softmax, (scores, -1))
+            out = g.call_function(torch.matmul, (probs, args["value"]))
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+def explicit_same_padding(gm: fx.GraphModule) -> int:
+    """Give convolutions with ``padding="same"`` their numeric (symmetric) padding, which the ONNX exporter
+    writes into the Conv itself instead of a separate Pad between the DQ and the Conv (that Pad would keep
+    ONNX Runtime from fusing QLinearConv). Asymmetric cases (even kernels) are left alone."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, nn.modules.conv._ConvNd) or mod.padding != "same":
+            continue
+        total = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]
+        if any(t % 2 for t in total):
+            continue
+        mod.padding = tuple(t // 2 for t in total)
+        changed += 1
+    return changed

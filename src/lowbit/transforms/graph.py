@@ -307,7 +307,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Re
             user.replace_input_with(src, qnode)
             if site is not None and f"lowbit_act.{key}" not in layer_inputs.setdefault(site.name, []):
                 layer_inputs[site.name].append(f"lowbit_act.{key}")
-    if not __import__("os").environ.get("NOREQ"): _insert_requants(gm, holder, placed, requants)
+    _insert_requants(gm, holder, placed, requants)
     gm.graph.lint()
     gm.recompile()
     return layer_inputs

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from lowbit.core import PerChannel, QuantSpec
 from lowbit.nn import QUANT_MODULES, QuantLayerMixin, QuantState, TensorQuantizer, from_float
 from lowbit.transforms.capture import capture_model
-from lowbit.transforms.engine_ops import decompose_silu
+from lowbit.transforms.engine_ops import decompose_attention, decompose_silu, explicit_same_padding
 from lowbit.transforms.bn_fold import fold_bn_graph, fold_bn_sequential
 from lowbit.transforms.graph import find_sites, insert_activation_quantizers, link_engine_kernels
 from lowbit.transforms.recipe import Recipe
@@ -67,18 +67,20 @@ def insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
     """Shared activation quantizers on every consumed tensor, Conv/Linear swapped for quantized twins (in place;
     BatchNorm is not touched: PTQ folds it first, QAT simulates the fold)."""
     info = PrepareInfo(recipe=recipe, traced=True)
+    explicit_same_padding(gm)
     if recipe.target == "onnxruntime":
         decompose_silu(gm)  # x · sigmoid(x): QLinearSigmoid + QLinearMul instead of a float SiLU
+        decompose_attention(gm)  # q kᵀ and p v as QLinearMatMul
     plan = find_sites(gm, recipe)
     info.float_layers = plan.float_layers
     info.layer_inputs = insert_activation_quantizers(gm, plan, recipe)
     for site in plan.sites:
         info.layer_kinds[site.name] = site.kind
-        if site.node.op != "call_module" or site.kind == "pool":
+        if site.node.op != "call_module":
             continue
         mod = gm.get_submodule(site.name)
-        if isinstance(mod, QuantLayerMixin):
-            continue  # one module called at several places: swapped at its first call
+        if type(mod) not in QUANT_MODULES:
+            continue  # a pool or activation module (input quantizers only), or already swapped at an earlier call
         qmod = from_float(mod, site.name, _weight_spec(site.weight, mod), None)
         ups = info.layer_inputs.get(site.name, [])
         qmod.set_upstream_input_quantizer(gm.get_submodule(ups[0]) if ups else None)
@@ -144,7 +146,7 @@ def prepare_(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | Non
     """
     if model.training:
         raise ValueError("prepare_ needs an eval-mode model (BatchNorm folding uses running statistics): call model.eval()")
-    cap = capture_model(model, example_input, __import__("os").environ.get("CAPTURE", capture))
+    cap = capture_model(model, example_input, capture)
     log.info("%s", cap.describe())
     if cap.graph_module is None:
         info = _prepare_swapped(model, recipe, "; ".join(cap.fallback_reasons), example_input)
