@@ -95,7 +95,8 @@ def print_report(report: dict, out_dir: Path) -> None:
                   f"({par['fraction_within_step'] * 100:.2f}% within one output step)")
     table.add_row("layers left in float", "", str(len(report["float_layers"])))
     console.print(table)
-    console.print(f"wrote {out_dir}/ (model_fp32.onnx, model_int8.onnx, recipe.yaml, report.json, report.md)")
+    console.print(f"wrote {out_dir}/ (model_fp32.onnx, model_int8.onnx, recipe.yaml, report.json, report.md, "
+                  "trusted_inputs.npy)")
 
 
 def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, recipe_spec: str) -> int:
