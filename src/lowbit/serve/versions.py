@@ -3,7 +3,7 @@
 * A rejected (or failed) re-calibration's folder is removed; its ``recalibration.json`` record is appended to
   ``DIR/versions/recalibrations.jsonl`` (one JSON object a line), so the history stays without the 20+ MB
   models.
-* At most ``keep`` version folders stay in ``DIR/versions`` (the newest ones, and always the active one);
+* At most ``keep`` version folders stay in ``DIR/versions`` (always the active one, then the newest);
   ``v1`` is ``DIR`` itself and is never removed.
 * Staging folders (``.vN.tmp-PID-*``) of re-calibrations whose process died are removed when a server starts
   and when a re-calibration starts.
@@ -54,7 +54,7 @@ def remove_version(model_dir: Path, version: str) -> None:
 
 
 def prune_versions(model_dir: Path, keep: int) -> list[str]:
-    """Keep the ``keep`` newest folders of ``DIR/versions`` (and the active one); the versions removed."""
+    """Keep at most ``keep`` folders in ``DIR/versions``: the active one and the newest others; the ones removed."""
     if keep < 1:
         raise ValueError(f"--keep-versions {keep}: must be >= 1")
     folder = Path(model_dir) / "versions"
@@ -63,7 +63,8 @@ def prune_versions(model_dir: Path, keep: int) -> list[str]:
     versions = sorted((int(m.group(1)) for p in folder.iterdir() if p.is_dir() and (m := _VERSION.match(p.name))),
                       reverse=True)
     active = active_version(model_dir)
-    removed = [f"v{n}" for n in versions[keep:] if f"v{n}" != active]
+    others = [f"v{n}" for n in versions if f"v{n}" != active]
+    removed = others[keep - 1:] if active in {f"v{n}" for n in versions} else others[keep:]
     for version in removed:
         shutil.rmtree(folder / version, ignore_errors=True)
     if removed:
