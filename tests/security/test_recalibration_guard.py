@@ -155,3 +155,22 @@ def test_one_recalibration_at_a_time(guarded_dir, tmp_path, capsys):
     finally:
         lock.release()
     assert not (folder / "versions").exists()
+
+
+def test_extreme_rows_in_the_reservoir_do_not_break_recalibration(guarded_dir, digits_data, tmp_path):
+    """3e38 rows get a finite INT8 answer (the input quantizer clips) and enter the reservoir; re-calibration drops
+    them (their FP32 output is not finite) instead of failing."""
+    x, _ = digits_data
+    folder = copy_dir(guarded_dir, tmp_path / "extreme")
+    with serving(folder, float_model_loader, shadow_rate=0.0, admin_token=TOKEN, min_recalibration_samples=32) as srv:
+        client = Client(srv)
+        big = np.stack([np.full((1, 8, 8), v, np.float32) for v in (3e38, 2e38)])  # finite, distinct rows
+        extreme, _, _ = client.predict_raw(big)
+        for i in range(0, 64, 32):
+            assert client.predict_raw(x[i:i + 32])[0] == 200
+        rows = client.get_json("/health")["reservoir"]["rows"]
+        status, _, data = client.request("POST", "/recalibrate", headers=ADMIN)
+        client.close()
+    result = json.loads(data)
+    assert extreme == 200 and rows == 66
+    assert status == 200 and result["calib_samples"] + result["eval_samples"] == 64, result

@@ -152,15 +152,20 @@ def _install_sigterm() -> None:
         pass
 
 
-def _setup_logging(debug: bool) -> None:
-    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], format="%(message)s")
+def _setup_logging(debug: bool, plain: bool = False) -> None:
+    """Rich log lines for the batch commands; plain one-line records (with time) for ``lowbit serve``."""
+    if plain:  # a server's log is read by machines: one record, one line, never wrapped
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    else:
+        handler, fmt = RichHandler(console=Console(stderr=True), show_time=False, show_path=False), "%(message)s"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], format=fmt)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    _setup_logging(args.debug)
+    _setup_logging(args.debug, plain=args.command == "serve")
     _install_sigterm()
     try:
         launched = maybe_launch(args, argv)  # --nproc N > 1: N worker processes run this same command
