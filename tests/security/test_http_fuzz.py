@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from hypothesis import strategies as st
 
 from serve.helpers import Client, serving
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+EXAMPLES = os.environ.get("LOWBIT_FUZZ_EXAMPLES")  # set it for a longer, randomized run (e.g. 2000)
+FUZZ = settings(max_examples=int(EXAMPLES or 120), deadline=None, suppress_health_check=list(HealthCheck),
+                derandomize=EXAMPLES is None)
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
