@@ -19,9 +19,11 @@ def _trickle(srv, n: int) -> list[socket.socket]:
 
 
 def _closed(s: socket.socket) -> bool:
+    """True once the server has answered (a 408) or closed the connection; False while it still waits."""
     try:
         s.settimeout(0.05)
-        return s.recv(4096) is not None and True
+        s.recv(4096)  # b"" (closed) or the 408's bytes: either way the server gave up on this client
+        return True
     except TimeoutError:
         return False
     except OSError:
