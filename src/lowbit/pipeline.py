@@ -3,7 +3,10 @@
     prepare_ → calibrate → convert_ → export FP32 and INT8 ONNX → measure both on ONNX Runtime → write DIR
 
 Everything is written into a staging folder beside ``DIR`` and renamed into place at the end, so a failure
-leaves nothing partial, and an existing ``DIR`` is replaced only with ``force=True``.
+leaves nothing partial, and an existing ``DIR`` is replaced only with ``force=True``; ``DIR`` is locked for the
+run, so a second writer fails (or, with ``force``, waits) instead of interleaving (:mod:`lowbit.outdir`).
+The folder also records the float model's weight hash, the recipe hash and the trusted evaluation rows that
+re-calibration checks new versions against (:mod:`lowbit.provenance`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import datetime as _dt
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,15 @@ from torch import nn
 
 from lowbit.export.onnx_export import export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
+from lowbit.outdir import (  # noqa: F401 — re-exported: the CLI and older callers import them from here
+    OutputExistsError,
+    OutputLockedError,
+    OutputPathError,
+    check_output_dir,
+    commit_dir,
+    staged_output,
+)
+from lowbit.provenance import save_trusted_set, text_sha256, weights_sha256
 from lowbit.ptq.calibrate import Data
 from lowbit.ptq.passes import ordered, quantize_with_passes
 from lowbit.report.evaluate import EvalSet, evaluate_pair
@@ -34,10 +44,6 @@ from lowbit.transforms.recipe import Recipe
 log = logging.getLogger(__name__)
 
 __version__ = "0.1.0"
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder exists and ``force`` was not given."""
 
 
 @dataclass
@@ -60,22 +66,6 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} cores"
-
-
-def check_output_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an existing, non-empty output folder unless ``force``."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise OutputExistsError(f"output {out_dir} already exists; pass --force to replace it")
-
-
-def commit_dir(staging: Path, out_dir: Path) -> None:
-    backup = None
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, backup)
-    os.replace(staging, out_dir)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
 
 
 def _float_layers(model: nn.Module) -> list[dict]:
@@ -118,10 +108,8 @@ def quantize_to_dir(
         pass_batches: calibration batches the recipe's post-training passes see (None: all).
     """
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    provenance = {"model_sha256": weights_sha256(model), "recipe_sha256": text_sha256(recipe.to_yaml())}
+    with staged_output(out_dir, force) as staging:
         t0 = time.perf_counter()
         pass_seconds: dict[str, float] = {}
         qmodel = quantize_with_passes(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds)
@@ -140,13 +128,11 @@ def quantize_to_dir(
             "torch_version": torch.__version__,
             "machine": machine_description(),
             "date": _dt.date.today().isoformat(),
+            **provenance,
         })
+        save_trusted_set(staging, eval_set)
         if on_report is not None:
             on_report(report, staging)
         (staging / "report.json").write_text(to_json(report))
         (staging / "report.md").write_text(to_markdown(report))
-        commit_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return PTQResult(qmodel, report, out_dir)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from torch import nn
 
 from lowbit.export.dynamic_onnx import export_dynamic_onnx
 from lowbit.export.onnx_export import export_onnx
-from lowbit.pipeline import PTQResult, __version__, check_output_dir, commit_dir, machine_description
+from lowbit.outdir import staged_output
+from lowbit.pipeline import PTQResult, __version__, machine_description
 from lowbit.ptq.calibrate import Data
 from lowbit.ptq.passes import quantize_with_passes
 from lowbit.report.embedding import evaluate_onnx_pair, to_json, to_markdown
@@ -62,10 +61,7 @@ def quantize_mode_to_dir(model: nn.Module, example_input: torch.Tensor, calib_da
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; modes: {', '.join(MODES)}")
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staged_output(out_dir, force) as staging:
         t0 = time.perf_counter()
         qmodel = _quantize(model, example_input, calib_data, recipe, mode)
         seconds = time.perf_counter() - t0
@@ -85,8 +81,4 @@ def quantize_mode_to_dir(model: nn.Module, example_input: torch.Tensor, calib_da
         })
         (staging / "report.json").write_text(to_json(report))
         (staging / "report.md").write_text(to_markdown(report))
-        commit_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return PTQResult(qmodel, report, out_dir)

@@ -20,7 +20,8 @@ from lowbit.export.trt_cache import parse_cache
 from lowbit.report.render import REQUIRED_KEYS
 
 HERE = Path(__file__).parent
-FILES = ["model_fp32.onnx", "model_int8.onnx", "recipe.yaml", "report.json", "report.md"]
+FILES = ["model_fp32.onnx", "model_int8.onnx", "recipe.yaml", "report.json", "report.md", "trusted_inputs.npy",
+         "trusted_labels.npy"]
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +117,7 @@ def test_folder_with_some_corrupt_files_skips_and_counts_them(tmp_path, caplog):
     assert report["eval_samples"] == 6 and report["calibrator"] == "minmax"
     assert report["metric_name"] == "top1_agreement"
     assert lowbit.load_recipe(out / "recipe.yaml").default_input.calibrator == "minmax"
-    assert sorted(os.listdir(out)) == FILES
+    assert sorted(os.listdir(out)) == [f for f in FILES if f != "trusted_labels.npy"]  # images without labels
 
 
 def test_eval_function_is_used_for_the_metric(tmp_path):
@@ -145,7 +146,7 @@ def test_efficientnet_lite0_demo_sized_run(tmp_path):
                "--n-calib", "4", "--n-eval", "2", "--repeats", "1"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert sorted(os.listdir(out)) == FILES
+    assert sorted(os.listdir(out)) == [f for f in FILES if f != "trusted_labels.npy"]  # photos have no labels
     assert report["metric_name"] == "top1_agreement" and report["eval_samples"] == 2
     assert report["parity_ok"] is True and report["float_layers"] == []
     assert report["int8_kernels"] > 20 and report["executed_op_types"].get("QLinearConv", 0) > 20

@@ -31,7 +31,7 @@ def test_fallback_writes_recipe_report_section_and_plot(runs):
     out = root / "fb"
     assert rc == 0
     assert sorted(os.listdir(out)) == ["model_fp32.onnx", "model_int8.onnx", "recipe.yaml", "report.json",
-                                       "report.md", "search.html"]
+                                       "report.md", "search.html", "trusted_inputs.npy", "trusted_labels.npy"]
     report = json.loads((out / "report.json").read_text())
     s = report["search"]
     assert s["kind"] == "fallback" and s["met"] and s["verified"] and s["engine"] == "onnxruntime"

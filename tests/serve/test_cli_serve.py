@@ -83,10 +83,11 @@ def test_recalibrate_command_writes_a_version_and_decides_by_the_rule(digits_dir
     t0 = time.perf_counter()
     assert main(["recalibrate", str(folder), "--data", "digits", "--n-calib", "96", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    record = json.loads((folder / "versions" / "v2" / "recalibration.json").read_text())
+    record = json.loads((folder / "versions" / "recalibrations.jsonl").read_text().splitlines()[-1])
     assert record["calib_samples"] + record["eval_samples"] == 96 and record["previous"] == "v1"
     assert record["accepted"] == (record["parity_ok"] and is_better(record["candidate"], record["current"])[0])
     assert active_version(folder) == ("v2" if record["accepted"] else "v1")
+    assert (folder / "versions" / "v2").is_dir() == record["accepted"]  # a rejected version is removed
     assert "v1 → v2" in out and ("ACCEPTED" in out) == record["accepted"]
     assert time.perf_counter() - t0 < 60
     assert main(["recalibrate", str(folder), "--data", str(tmp_path / "nothing.npy")]) == 2

@@ -91,7 +91,9 @@ def test_reservoir_keeps_the_most_recent_rows():
     res = InputReservoir(5)
     with pytest.raises(ValueError, match="empty"):
         res.snapshot()
-    batches = [np.full((n, 2), i, dtype=np.float32) for i, n in enumerate((3, 1, 4, 7))]
+    counts = (3, 1, 4, 7)
+    batches = [np.arange(2 * sum(counts[:i]), 2 * sum(counts[:i + 1]), dtype=np.float32).reshape(n, 2)
+               for i, n in enumerate(counts)]  # distinct rows
     for b in batches:
         res.add(b)
     stream = np.concatenate(batches)
@@ -99,3 +101,14 @@ def test_reservoir_keeps_the_most_recent_rows():
     assert len(res) == 5 and res.seen == stream.shape[0]
     batches[-1][:] = -1  # rows are copies: the caller's later writes do not reach the reservoir
     np.testing.assert_array_equal(res.snapshot(), stream[-5:])
+
+
+def test_reservoir_deduplicates_rows_so_no_input_weighs_more_than_one_row():
+    res = InputReservoir(8)
+    few = np.arange(6, dtype=np.float32).reshape(3, 2)
+    for _ in range(50):  # a client repeating three rows
+        res.add(few)
+    res.add(np.full((2, 2), 9, np.float32))  # a batch of two equal rows counts once
+    snap = res.snapshot()
+    assert snap.shape == (4, 2) and res.duplicates == 49 * 3 + 1 and res.seen == 152
+    assert len({r.tobytes() for r in snap}) == 4

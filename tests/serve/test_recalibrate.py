@@ -16,6 +16,8 @@ from lowbit.serve.recalibrate import is_better, split_holdout
 
 from .helpers import Client, copy_dir, direct_run, serving, wait_for
 
+TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 DRIFT = 4.0  # digits pixels are in [0, 1]; x4 saturates the INT8 input quantizer (output SQNR ~2 dB)
 
 
@@ -48,7 +50,8 @@ def _load(srv, x: np.ndarray, stop: threading.Event, tally: dict, lock: threadin
 def test_drift_trips_recovers_and_recalibration_hot_swaps_under_load(digits_dir, digits_inputs, tmp_path):
     folder = copy_dir(digits_dir, tmp_path / "drift")
     drifted, normal = digits_inputs[:64] * DRIFT, digits_inputs[64:128]
-    options = dict(shadow_rate=1.0, max_bad=3, recover_good=3, reservoir_size=48, min_recalibration_samples=32)
+    options = dict(shadow_rate=1.0, max_bad=3, recover_good=3, reservoir_size=48, min_recalibration_samples=32,
+                   admin_token=TOKEN)
     with serving(folder, float_model_loader, **options) as srv:
         client = Client(srv)
         served = [_send_and_wait(client, drifted[4 * i:4 * i + 4])["model"] for i in range(4)]
@@ -65,7 +68,7 @@ def test_drift_trips_recovers_and_recalibration_hot_swaps_under_load(digits_dir,
         loaders = [threading.Thread(target=_load, args=(srv, drifted[i:i + 2], stop, tally, lock)) for i in (0, 2)]
         for t in loaders:
             t.start()
-        status, _, data = client.request("POST", "/recalibrate")
+        status, _, data = client.request("POST", "/recalibrate", headers=ADMIN)
         wait_for(lambda: client.get_json("/health")["version"] == "v2", what="the swap")
         for _ in range(3):  # traffic after the swap
             client.predict_json(drifted[:2])
@@ -101,14 +104,15 @@ def test_drift_trips_recovers_and_recalibration_hot_swaps_under_load(digits_dir,
 
 
 def test_recalibrate_refuses_without_loader_or_enough_rows(digits_dir, digits_inputs):
-    with serving(digits_dir, shadow_rate=0.0) as srv:
+    with serving(digits_dir, shadow_rate=0.0, admin_token=TOKEN) as srv:
         client = Client(srv)
-        status, _, data = client.request("POST", "/recalibrate")
+        status, _, data = client.request("POST", "/recalibrate", headers=ADMIN)
         assert status == 409 and "loader" in json.loads(data)["error"]
-    with serving(digits_dir, float_model_loader, shadow_rate=0.0, min_recalibration_samples=16) as srv:
+    with serving(digits_dir, float_model_loader, shadow_rate=0.0, min_recalibration_samples=16,
+                 admin_token=TOKEN) as srv:
         client = Client(srv)
         client.predict_json(digits_inputs[:4])
-        status, _, data = client.request("POST", "/recalibrate")
+        status, _, data = client.request("POST", "/recalibrate", headers=ADMIN)
         assert status == 409 and "holds 4 input rows" in json.loads(data)["error"]
         client.close()
     assert not (digits_dir / "versions").exists()

@@ -21,8 +21,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +40,8 @@ from lowbit.export.onnx_export import export_onnx
 from lowbit.export.ort_analysis import (OUTPUT_CONSUMER, analyze_onnx, first_nonfinite, quantized_tensors, to_json,
                                         worst_tensors)
 from lowbit.observers import OBSERVERS
-from lowbit.pipeline import check_output_dir, commit_dir
+from lowbit.outdir import staged_output
+from lowbit.pipeline import check_output_dir
 from lowbit.ptq.quantize import quantize
 from lowbit.report.engine_html import engine_section
 from lowbit.report.html import as_float, render_analysis_html
@@ -122,12 +121,6 @@ def _progress_callback(progress: Progress) -> Callable[[int, int, str], None]:
     def update(done: int, total: int, label: str) -> None:
         progress.update(task, completed=done, total=total, description=f"sensitivity: {label}")
     return update
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write(staging: Path, analysis: dict, title: str, engine: dict | None) -> None:
@@ -221,10 +214,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     src = load_model_source(args.model, args.input_shape)
     calib, evalset = load_data_source(args.data, src, args.n_calib, args.n_eval)
     engine = None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any new folder
-    try:
+    with staged_output(out_dir, args.force) as staging:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
             result = analyze(src.model, calib, recipe, src.example_input, budget_seconds=args.budget_seconds,
@@ -236,10 +226,6 @@ def run_analyze(args: argparse.Namespace) -> int:
             engine = engine_analysis(src, calib, evalset.inputs, recipe, args.batch_size)
             engine.update({"model": src.name, "data": args.data, "recipe": args.recipe})
         _write(staging, analysis, f"lowbit analysis: {src.name} ({args.recipe})", engine)
-        commit_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print_worst(analysis, out_dir)
     if engine is not None:
         print_worst_tensors(engine)

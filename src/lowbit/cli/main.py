@@ -10,12 +10,15 @@
 ``--nproc N`` (quantize, qat) runs the command in N local processes (see ``cli.launch``).
 
 Every failure the user can fix prints one line ``lowbit: error: ...`` naming the culprit and exits 2.
+SIGTERM (systemd, Docker, Kubernetes) is handled like Ctrl-C: staging folders are removed, the output lock is
+released, exit 143 (130 for SIGINT). ``lowbit serve`` shuts down gracefully on both.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from lowbit.report.render import summary_rows
 from lowbit.transforms.recipe import PRESETS, load_recipe
 
 log = logging.getLogger("lowbit")
+MAX_MESSAGE = 500  # characters of an error line: a message never floods the terminal with a user value
 console = Console(stderr=False)
 
 
@@ -91,7 +95,8 @@ def print_report(report: dict, out_dir: Path) -> None:
                   f"({par['fraction_within_step'] * 100:.2f}% within one output step)")
     table.add_row("layers left in float", "", str(len(report["float_layers"])))
     console.print(table)
-    console.print(f"wrote {out_dir}/ (model_fp32.onnx, model_int8.onnx, recipe.yaml, report.json, report.md)")
+    console.print(f"wrote {out_dir}/ (model_fp32.onnx, model_int8.onnx, recipe.yaml, report.json, report.md, "
+                  "trusted_inputs.npy)")
 
 
 def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, recipe_spec: str) -> int:
@@ -127,15 +132,41 @@ def parse_passes(text: str) -> list[str]:
     return [] if names == ["none"] else names
 
 
-def _setup_logging(debug: bool) -> None:
-    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], format="%(message)s")
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so every ``finally`` / staging clean-up runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
+
+def _install_sigterm() -> None:
+    """SIGTERM → :class:`Terminated` in the main thread (a no-op off the main thread)."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        pass
+
+
+def _setup_logging(debug: bool, plain: bool = False) -> None:
+    """Rich log lines for the batch commands; plain one-line records (with time) for ``lowbit serve``."""
+    if plain:  # a server's log is read by machines: one record, one line, never wrapped
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    else:
+        handler, fmt = RichHandler(console=Console(stderr=True), show_time=False, show_path=False), "%(message)s"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], format=fmt)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    _setup_logging(args.debug)
+    _setup_logging(args.debug, plain=args.command == "serve")
+    _install_sigterm()
     try:
         launched = maybe_launch(args, argv)  # --nproc N > 1: N worker processes run this same command
         if launched is not None:
@@ -152,15 +183,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "demo":
                 return run_quantize(args, "efficientnet-lite0", "photos", "int8")
             return run_quantize(args, args.model, args.data, args.recipe)
-    except (SourceError, OutputExistsError, ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+    except (SourceError, OutputExistsError, ValueError, FileNotFoundError, RuntimeError, TypeError,
+            PermissionError, NotADirectoryError, IsADirectoryError) as exc:
         if args.debug:
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = str(exc).splitlines()[0][:MAX_MESSAGE] if str(exc) else type(exc).__name__
         print(f"lowbit: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"lowbit: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; nothing was written",
+              file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

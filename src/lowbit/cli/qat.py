@@ -21,8 +21,6 @@ import argparse
 import copy
 import datetime as _dt
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +35,8 @@ from lowbit.cli.sources import load_data_source, load_eval_fn, load_model_source
 from lowbit.observers import OBSERVERS
 from lowbit.export.onnx_export import export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
-from lowbit.pipeline import __version__, _float_layers, check_output_dir, commit_dir, machine_description
+from lowbit.outdir import staged_output
+from lowbit.pipeline import __version__, _float_layers, check_output_dir, machine_description
 from lowbit.qat import QATConfig, convert_, prepare_qat_
 from lowbit.qat.distill import DISTILL_LOSSES
 from lowbit.qat.train import TrainConfig, TrainState, save_checkpoint, train_qat
@@ -156,10 +155,7 @@ def write_models(staging: Path, float_model, qmodel, example: torch.Tensor, reci
 
 def _write(args, qmodel, teacher, src, recipe, ev: EvalSet, state: TrainState, training: dict, labels: dict) -> dict:
     out_dir = Path(args.out)
-    check_output_dir(out_dir, args.force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staged_output(out_dir, args.force) as staging:
         save_checkpoint(staging / "checkpoint.pt", qmodel, state, recipe=recipe.to_yaml(), training=training)
         convert_(qmodel)
         fp32_path, int8_path = write_models(staging, teacher, qmodel, src.example_input, recipe)
@@ -172,10 +168,6 @@ def _write(args, qmodel, teacher, src, recipe, ev: EvalSet, state: TrainState, t
         })
         (staging / "report.json").write_text(to_json(report))
         (staging / "report.md").write_text(to_markdown(report) + training_markdown(training))
-        commit_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

@@ -57,7 +57,7 @@ def _import_callable(spec: str, what: str):
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
-    except Exception as exc:  # noqa: BLE001 — any import failure is reported in one line
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 — any import failure is reported in one line
         raise SourceError(f"cannot load {what} {spec!r}: {type(exc).__name__}: {exc}") from None
 
 
@@ -71,7 +71,7 @@ def load_model_source(spec: str, input_shape: str | None) -> ModelSource:
     factory = _import_callable(spec, "model")
     try:
         made = factory()
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 — sys.exit() in a model factory is a failure too
         raise SourceError(f"model {spec!r} failed to build: {type(exc).__name__}: {exc}") from None
     model, example = (made if isinstance(made, tuple) else (made, None))
     if not isinstance(model, nn.Module):

@@ -11,8 +11,11 @@ Two encodings, chosen by the request's ``Content-Type``:
   ``X-Lowbit-Shadowed``. A JSON request gets a raw answer with ``Accept: application/octet-stream``.
 
 Only the model's first output is returned. Anything else is refused with a 4xx and ``{"error": "..."}``:
-400 malformed body, 413 body or batch over the limit, 415 other content types, 422 wrong shape / dtype or
-non-finite values.
+400 malformed body (JSON nested deeper than the parser allows included) or header (``X-Shape`` with more than
+``MAX_DIMS`` dimensions included), 413 body or batch over the limit, 415 other content types, 422 wrong shape /
+dtype, non-finite input values, or a model output that is not finite (finite but extreme inputs such as 3e38
+can overflow inside the model; the answer is then an error, never ``NaN`` in the JSON). Error messages quote at
+most ``MAX_QUOTE`` characters of any header or value the client sent.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ import numpy as np
 JSON_BYTES_PER_VALUE = 24  # room for "-1.2345678901234567e-05, "
 MIN_JSON_LIMIT = 64 * 1024
 DRAIN_FACTOR = 4  # an oversized body up to this many times the limit is read and discarded before the 413
+MAX_DIMS = 32  # numpy's limit on array dimensions
+MAX_QUOTE = 64
+
+
+def brief(text: str) -> str:
+    """``repr(text)`` cut to ``MAX_QUOTE`` characters: a client value quoted in a message stays short."""
+    r = repr(text)
+    return r if len(r) <= MAX_QUOTE else f"{r[:MAX_QUOTE]}... ({len(text)} characters)"
 
 
 class InputError(Exception):
@@ -82,15 +93,17 @@ def decode_json(body: bytes, spec: InputSpec) -> np.ndarray:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(400, "malformed_json", f"malformed JSON body: {exc}") from None
+        raise InputError(400, "malformed_json", f"malformed JSON body: {str(exc)[:120]}") from None
+    except RecursionError:
+        raise InputError(400, "malformed_json", "JSON body nested too deeply") from None
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise InputError(400, "malformed_json", 'JSON body must be an object with key "inputs"')
     dtype = payload.get("dtype", "float32")
     if dtype != "float32":
-        raise InputError(422, "wrong_dtype", f"dtype {dtype!r}: the model takes float32")
+        raise InputError(422, "wrong_dtype", f"dtype {brief(str(dtype))}: the model takes float32")
     try:
         x = np.asarray(payload["inputs"])
-    except ValueError:
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise InputError(422, "wrong_shape", '"inputs" is ragged: every row must have the same shape') from None
     if x.dtype.kind not in "iuf":
         what = "booleans" if x.dtype.kind == "b" else "non-numbers (strings, objects or null)"
@@ -103,9 +116,11 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         dims = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
         raise InputError(400, "bad_header",
-                         f"X-Shape {text!r}: expected comma-separated integers like 4,1,8,8") from None
+                         f"X-Shape {brief(text)}: expected comma-separated integers like 4,1,8,8") from None
     if not dims or any(d < 0 for d in dims):
-        raise InputError(400, "bad_header", f"X-Shape {text!r}: expected non-negative integers")
+        raise InputError(400, "bad_header", f"X-Shape {brief(text)}: expected non-negative integers")
+    if len(dims) > MAX_DIMS:
+        raise InputError(400, "bad_header", f"X-Shape has {len(dims)} dimensions; at most {MAX_DIMS} are allowed")
     return dims
 
 
@@ -113,7 +128,7 @@ def decode_raw(body: bytes, shape_header: str | None, dtype_header: str | None, 
     """Parse a raw float32 body with its optional ``X-Shape`` / ``X-Dtype`` headers."""
     dtype = (dtype_header or "float32").strip().lower()
     if dtype != "float32":
-        raise InputError(422, "wrong_dtype", f"X-Dtype {dtype!r}: the model takes float32 (little-endian)")
+        raise InputError(422, "wrong_dtype", f"X-Dtype {brief(dtype)}: the model takes float32 (little-endian)")
     row_bytes = spec.sample_numel * 4
     if shape_header is None:
         if len(body) % row_bytes:
@@ -123,19 +138,28 @@ def decode_raw(body: bytes, shape_header: str | None, dtype_header: str | None, 
     else:
         shape = _parse_shape(shape_header)
         if prod(shape) * 4 != len(body):
-            raise InputError(422, "wrong_shape", f"X-Shape {list(shape)} needs {prod(shape) * 4} bytes of float32, "
-                             f"the body has {len(body)}")
+            raise InputError(422, "wrong_shape", f"X-Shape {brief(shape_header)} needs {prod(shape) * 4} bytes of "
+                             f"float32, the body has {len(body)}")
     return _shaped(np.frombuffer(body, dtype="<f4").reshape(shape), spec)
 
 
+def check_output(output: np.ndarray) -> None:
+    """InputError 422 when the model's answer holds NaN or infinity (inputs outside what the model handles)."""
+    if not np.isfinite(output).all():
+        raise InputError(422, "non_finite_output", "the model's output for this input is not finite (NaN or "
+                         "infinity): the input values are outside the range the model handles")
+
+
 def encode_json(output: np.ndarray, model: str, version: str, shadowed: bool) -> bytes:
-    """The JSON answer (float32 values written exactly: ``float(np.float32)`` round-trips)."""
+    """The JSON answer (float32 values written exactly: ``float(np.float32)`` round-trips); always valid JSON."""
+    check_output(output)
     return json.dumps({"outputs": output.tolist(), "shape": list(output.shape), "model": model,
-                       "version": version, "shadowed": shadowed}).encode()
+                       "version": version, "shadowed": shadowed}, allow_nan=False).encode()
 
 
 def encode_raw(output: np.ndarray, model: str, version: str, shadowed: bool) -> tuple[bytes, dict[str, str]]:
-    """The raw answer and its headers."""
+    """The raw answer and its headers (non-finite outputs refused as for JSON)."""
+    check_output(output)
     headers = {"X-Shape": ",".join(map(str, output.shape)), "X-Dtype": "float32", "X-Lowbit-Model": model,
                "X-Lowbit-Version": version, "X-Lowbit-Shadowed": "1" if shadowed else "0"}
     return np.ascontiguousarray(output, dtype="<f4").tobytes(), headers

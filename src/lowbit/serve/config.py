@@ -85,6 +85,12 @@ class ServeConfig:
         shadow_queue: shadowed requests allowed to wait for the shadow thread; more are dropped (counted).
         min_recalibration_samples: reservoir rows ``POST /recalibrate`` needs.
         seed: seed of the request sampler (reproducible shadowing).
+        admin_token: bearer token the admin endpoints (``POST /recalibrate``) require; None: they answer 403.
+        keep_versions: re-calibrated versions kept on disk (the active one always); rejected ones are removed.
+        trusted_data: ``.npy`` file of trusted input rows a new version must not be worse on (default: the
+            quantize-time evaluation rows stored in the folder, ``trusted_inputs.npy``).
+        read_timeout: seconds a client has to send a whole request (headers and body); then it is closed.
+        max_connections: open connections (and running requests) beyond which requests get 503.
     """
 
     model_dir: Path
@@ -100,6 +106,11 @@ class ServeConfig:
     shadow_queue: int = 8
     min_recalibration_samples: int = 32
     seed: int = 0
+    admin_token: str | None = field(default=None, repr=False)
+    keep_versions: int = 5
+    trusted_data: Path | None = None
+    read_timeout: float = 10.0
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -109,10 +120,14 @@ class ServeConfig:
             raise ValueError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         for f in fields(self):
             if f.name in ("max_bad", "recover_good", "reservoir_size", "max_batch", "threads", "workers",
-                          "shadow_queue", "min_recalibration_samples"):
+                          "shadow_queue", "min_recalibration_samples", "keep_versions", "max_connections"):
                 value = getattr(self, f.name)
                 if not isinstance(value, int) or value < 1:
                     raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: must be an integer >= 1")
+        if not (isinstance(self.read_timeout, (int, float)) and 0 < self.read_timeout < math.inf):
+            raise ValueError(f"--read-timeout {self.read_timeout!r}: must be a number of seconds > 0")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("admin token: must be at least 16 characters")
         if self.min_recalibration_samples > self.reservoir_size:
             raise ValueError(f"--min-recalibration-samples {self.min_recalibration_samples} exceeds "
                              f"--reservoir-size {self.reservoir_size}")

@@ -11,7 +11,7 @@ Per request (called from the server's worker threads):
    already waiting it is dropped and counted), which runs the FP32 reference session (and the INT8 debug
    session when FP32 served), computes the divergence, reads the per-layer errors, updates the metrics and
    feeds the fuse;
-5. keep the input rows in the reservoir.
+5. keep the input rows whose output is finite in the reservoir (deduplicated).
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ class Engine:
             out = models.run(precision, x)
             if sampled:
                 self._submit(models, x, None, None)
-        self.reservoir.add(x)
+        finite = np.isfinite(out.reshape(out.shape[0], -1)).all(axis=1) if out.shape[:1] == x.shape[:1] else None
+        if finite is not None and finite.any():  # rows whose output is NaN / infinite never enter the reservoir
+            self.reservoir.add(x if finite.all() else x[finite])
         self.metrics.reservoir_rows.set(len(self.reservoir))
         return Prediction(out, precision, models.version, sampled)
 
@@ -172,7 +174,7 @@ class Engine:
             "shadow": {"rate": self.config.shadow_rate, **self.shadow_counts()},
             "threshold": self.config.threshold.to_dict(),
             "reservoir": {"rows": len(self.reservoir), "capacity": self.reservoir.capacity,
-                          "seen": self.reservoir.seen},
+                          "seen": self.reservoir.seen, "duplicates": self.reservoir.duplicates},
             "input": {"name": models.input_name, "sample_shape": list(models.sample_shape), "dtype": "float32"},
             "max_batch": self.config.max_batch,
         }

@@ -6,12 +6,14 @@ Layout of a served folder ``DIR`` (written by ``lowbit quantize``)::
     DIR/versions/v2/ ... same files + recalibration.json                         one folder per re-calibration
     DIR/versions/active.json                                                     {"version": "v2"}: the one served
 
-Every version stays on disk with its report, accepted or not; ``active.json`` (written atomically) names the
-version the server loads at start and the one a hot swap installed last.
+Accepted versions stay on disk (at most ``--keep-versions`` of them), rejected ones are removed; every try is
+recorded in ``versions/recalibrations.jsonl``. ``active.json`` (written atomically) names the version the
+server loads at start and the one a hot swap installed last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,11 +64,18 @@ def set_active_version(model_dir: Path, version: str) -> None:
 
 
 def next_version(model_dir: Path) -> str:
-    """The first unused ``vN`` (N > every existing version)."""
+    """The first unused ``vN``: N above every version on disk and every one in ``recalibrations.jsonl`` (removed
+    versions included, so a number is never reused)."""
     folder = Path(model_dir) / "versions"
     numbers = [1]
     if folder.is_dir():
         numbers += [int(m.group(1)) for p in folder.iterdir() if (m := _VERSION.match(p.name))]
+    history = folder / "recalibrations.jsonl"
+    if history.is_file():
+        for line in history.read_text().splitlines():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if m := _VERSION.match(json.loads(line).get("version", "")):
+                    numbers.append(int(m.group(1)))
     return f"v{max(numbers) + 1}"
 
 

@@ -3,12 +3,15 @@
 It keeps the last ``capacity`` rows (a ring: the oldest row goes when a new one comes), so its memory is
 bounded by ``capacity · row size`` whatever the traffic, and a re-calibration sees the inputs of now, not of
 the day the model was calibrated. Rows are copied, so a kept row never pins the rest of its request's batch.
+
+Rows are deduplicated (by their bytes): a client repeating a few rows cannot fill the reservoir with them, so no
+single input weighs more than one row of a re-calibration. The engine offers only rows whose output was finite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from collections import deque
 
 import numpy as np
 
@@ -20,16 +23,24 @@ class InputReservoir:
         if capacity < 1:
             raise ValueError(f"reservoir capacity {capacity}: must be >= 1")
         self.capacity = capacity
-        self._rows: deque[np.ndarray] = deque(maxlen=capacity)
+        self._rows: dict[bytes, np.ndarray] = {}  # insertion order = age; key: digest of the row
         self._lock = threading.Lock()
         self._seen = 0
+        self.duplicates = 0
 
     def add(self, batch: np.ndarray) -> None:
-        """Add every row of ``batch`` ``[N, ...]``; only the last ``capacity`` rows of the stream stay."""
+        """Add the rows of ``batch`` ``[N, ...]`` (a row already held is kept once, as the newest); the oldest go."""
         rows = [np.array(row, dtype=np.float32) for row in batch[-self.capacity:]]
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
         with self._lock:
-            self._rows.extend(rows)
             self._seen += int(batch.shape[0])
+            for key, row in zip(keys, rows):
+                if key in self._rows:  # held already: it becomes the newest row, still one row
+                    self.duplicates += 1
+                    del self._rows[key]
+                self._rows[key] = row
+                if len(self._rows) > self.capacity:
+                    del self._rows[next(iter(self._rows))]
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -42,7 +53,7 @@ class InputReservoir:
     def snapshot(self) -> np.ndarray:
         """The rows held now, oldest first, stacked into one new array ``[len, ...]``."""
         with self._lock:
-            rows = list(self._rows)
+            rows = list(self._rows.values())
         if not rows:
             raise ValueError("the input reservoir is empty: no request has been answered yet")
         return np.stack(rows)

@@ -7,6 +7,7 @@ before it returns (shadow comparisons still queued are dropped). ``ServerThread`
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -15,13 +16,29 @@ import time
 import uvicorn
 
 from lowbit.serve.app import ServeApp
+from lowbit.serve.protocol import DeadlineH11Protocol
 
 log = logging.getLogger(__name__)
 
 
 def _config(app: ServeApp, host: str, port: int, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(app.app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=10)
+    """uvicorn settings: h11 with a read deadline (``--read-timeout``), ``--max-connections``, 5 s keep-alive."""
+    config = uvicorn.Config(app.app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=10, http=DeadlineH11Protocol,
+                            limit_concurrency=app.config.max_connections, timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=16 * 1024)
+    config.lowbit_read_timeout = app.config.read_timeout
+    return config
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -73,18 +73,18 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
-            raise ValueError(f"recipe target must be one of {TARGETS}, got {self.target!r}")
+            raise ValueError(f"recipe target must be one of {TARGETS}, got {_brief(self.target)}")
         bad = [p for p in self.passes if p not in PASSES]
         if bad:
-            raise ValueError(f"unknown pass {bad[0]!r}; known passes: {', '.join(PASSES)}")
+            raise ValueError(f"unknown pass {_brief(bad[0])}; known passes: {', '.join(PASSES)}")
         if "adaround" in self.passes and "gptq" in self.passes:
             raise ValueError("passes adaround and gptq both choose the weight rounding; name only one")
         if len(set(self.passes)) != len(self.passes):
-            raise ValueError(f"a pass is named twice in {list(self.passes)}")
+            raise ValueError(f"a pass is named twice in {_brief(list(self.passes))}")
         if not isinstance(self.passes, tuple):
             object.__setattr__(self, "passes", tuple(self.passes))
         if self.version != 1:
-            raise ValueError(f"recipe version {self.version} is not supported (only 1)")
+            raise ValueError(f"recipe version {_brief(self.version)} is not supported (only 1)")
         if not isinstance(self.rules, tuple):
             object.__setattr__(self, "rules", tuple(self.rules))
         if self.target == "tensorrt":
@@ -178,6 +178,24 @@ def preset(name: str) -> Recipe:
 
 
 RECIPE_KEYS = ("version", "target", "passes", "weight", "input", "rules")
+MAX_RECIPE_BYTES = 1 << 20
+_BRIEF = 80
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)`` cut to a bounded prefix, so an error message never embeds a huge user value."""
+    text = repr(value)
+    return text if len(text) <= _BRIEF else f"{text[:_BRIEF]}... ({len(text)} characters)"
+
+
+class _NoAliasSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): no billion-laughs expansion of a recipe."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in recipes", mark)
+        return super().compose_node(parent, index)
 RULE_KEYS = ("pattern", "weight", "input", "float")
 
 
@@ -189,10 +207,10 @@ def _rule_spec(raw: Any, base: QuantSpec, where: str) -> QuantSpec | None:
 
 def _rule_from_dict(raw: Any, recipe_weight: QuantSpec, recipe_input: QuantSpec, where: str) -> LayerRule:
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping with 'pattern', got {raw!r}")
+        raise ValueError(f"{where}: expected a mapping with 'pattern', got {_brief(raw)}")
     unknown = sorted(set(raw) - set(RULE_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(RULE_KEYS)}")
+        raise ValueError(f"{where}: unknown key {_brief(unknown[0])}; allowed keys: {', '.join(RULE_KEYS)}")
     if "pattern" not in raw:
         raise ValueError(f"{where}: missing key 'pattern'")
     if raw.get("float", False) is True:
@@ -214,17 +232,17 @@ def recipe_from_dict(raw: Any, where: str = "recipe") -> Recipe:
         raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(RECIPE_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(RECIPE_KEYS)}")
+        raise ValueError(f"{where}: unknown key {_brief(unknown[0])}; allowed keys: {', '.join(RECIPE_KEYS)}")
     base = PRESETS["int8"]
     weight = spec_from_dict(raw.get("weight", {}), base.default_weight, f"{where}.weight")
     inp = spec_from_dict(raw.get("input", {}), base.default_input, f"{where}.input")
     rules_raw = raw.get("rules", []) or []
     if not isinstance(rules_raw, list):
-        raise ValueError(f"{where}.rules: expected a list, got {rules_raw!r}")
+        raise ValueError(f"{where}.rules: expected a list, got {_brief(rules_raw)}")
     rules = tuple(_rule_from_dict(r, weight, inp, f"{where}.rules[{i}]") for i, r in enumerate(rules_raw))
     passes = raw.get("passes", []) or []
     if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
-        raise ValueError(f"{where}.passes: expected a list of pass names, got {passes!r}")
+        raise ValueError(f"{where}.passes: expected a list of pass names, got {_brief(passes)}")
     try:
         return Recipe(weight, inp, rules, target=raw.get("target", "onnxruntime"), passes=tuple(passes),
                       version=raw.get("version", 1))
@@ -255,14 +273,17 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def load_recipe(source: str | Path) -> Recipe:
-    """A preset name or a YAML file path → Recipe (YAML read with ``safe_load``; errors name the file)."""
+    """A preset name or a YAML file path → Recipe (YAML read with a safe loader that refuses aliases; errors name
+    the file and quote at most a bounded prefix of any value)."""
     if isinstance(source, str) and source in PRESETS:
         return PRESETS[source]
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"recipe {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ValueError(f"recipe file {path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_NoAliasSafeLoader)  # noqa: S506 — a safe loader, aliases refused
     except yaml.YAMLError as exc:
         raise ValueError(f"recipe file {path}: malformed YAML: {str(exc).splitlines()[0]}") from None
     return recipe_from_dict(raw, where=str(path))
