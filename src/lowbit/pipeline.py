@@ -123,6 +123,7 @@ def quantize_to_dir(
             "passes": ordered(recipe.passes),  # in the order they ran
             "pass_seconds": pass_seconds,
             "float_layers": _float_layers(qmodel),
+            "capture": getattr(getattr(qmodel, "lowbit_info", None), "capture", ""),
             "lowbit_version": __version__,
             "onnxruntime_version": onnxruntime.__version__,
             "torch_version": torch.__version__,

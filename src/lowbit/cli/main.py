@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def print_report(report: dict, out_dir: Path) -> None:
     """The terminal table comparing FP32 and INT8."""
+    if report.get("capture"):
+        console.print(report["capture"])
     table = Table(title=f"lowbit: {report.get('model')} → INT8 ({report.get('recipe')}, {report.get('calibrator')})")
     for col in ("measure", "FP32", "INT8 (ONNX Runtime)"):
         table.add_column(col)

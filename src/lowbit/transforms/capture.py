@@ -87,6 +87,10 @@ SPECIAL = {
 METHODS = {"view", "expand", "contiguous", "type_as", "expand_as", "repeat", "new_zeros", "new_ones", "fill_"}
 
 
+ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten._assert_async.msg,
+           torch.ops.aten.sym_constrain_range_for_size.default)
+
+
 def _torch_twin(op) -> tuple[str, object] | None:
     """``("call_function", fn)`` or ``("call_method", name)`` for an ATen overload, or None to keep it."""
     name = op._opname
@@ -109,8 +113,8 @@ def _normalise(gm: fx.GraphModule) -> list[str]:
     """Rewrite ATen overloads as torch calls (in place); returns the ops kept as ATen calls."""
     kept = set()
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            gm.graph.erase_node(node)
+        if node.op == "call_module" and node.target == "_guards_fn" or node.target in ASSERTS:
+            gm.graph.erase_node(node)  # run-time checks of the specialisation: the graph is used as captured
             continue
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
@@ -300,13 +304,27 @@ def _attr(obj, path: str):
     return obj
 
 
-def _guards(ep) -> list[str]:
-    """Human-readable guards ``torch.export`` recorded (the branches it specialised on), if any."""
+def _draft_export(model: nn.Module, batch: torch.Tensor, dims: tuple) -> tuple:
+    """``torch.export.draft_export``: data-dependent branches are taken as the example input takes them.
+
+    Returns:
+        the program and one line per specialised branch (``file:line  source``).
+    """
+    quiet = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
-        guards = [str(g) for g in ep.graph_module.meta.get("guards", [])]
-    except Exception:  # noqa: BLE001 — best effort only
-        guards = []
-    return guards
+        ep = torch.export.draft_export(model, (batch,), dynamic_shapes=dims, strict=False)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    branches = []
+    for failure in getattr(ep, "_report", None).failures if getattr(ep, "_report", None) else []:
+        frames = (failure.data or {}).get("user_stack") or [{}]
+        frame = frames[-1]
+        branches.append(f"line {frame.get('line', '?')}: {str(frame.get('loc', '?')).strip()[:80]}")
+    return ep, branches or ["a data-dependent value"]
 
 
 def export_capture(model: nn.Module, example: torch.Tensor) -> Capture:
@@ -317,12 +335,19 @@ def export_capture(model: nn.Module, example: torch.Tensor) -> Capture:
     """
     batch2 = torch.cat([example[:1], example[:1]])  # batch 1 would be specialised to a constant
     dims = ({0: torch.export.Dim.AUTO},)
-    ep = torch.export.export(model, (batch2,), dynamic_shapes=dims, strict=False)
+    specialised: list[str] = []
+    try:
+        ep = torch.export.export(model, (batch2,), dynamic_shapes=dims, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        if "data-dependent" not in str(exc) and "DataDependent" not in type(exc).__name__:
+            raise
+        ep, specialised = _draft_export(model, batch2, dims)
     flat = ep.module()
     root = _module_root(model, flat)
     graph = flat.graph
     gm = fx.GraphModule(root, graph)
     kept = _normalise(gm)
+    gm.graph.eliminate_dead_code()
     if kept:
         log.debug("ATen ops kept as they are: %s", ", ".join(kept))
     gm.graph.lint()
@@ -334,7 +359,7 @@ def export_capture(model: nn.Module, example: torch.Tensor) -> Capture:
     _strip_output_pytree(gm)
     _check_equal(gm, model, example)
     log.debug("torch.export: %d layers lifted back to modules", lifted)
-    return Capture(gm, "torch.export", specialised=_guards(ep))
+    return Capture(gm, "torch.export", specialised=specialised)
 
 
 def _strip_output_pytree(gm: fx.GraphModule) -> None:
