@@ -27,6 +27,7 @@ from lowbit.export.onnx_export import export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
 from lowbit.ptq.calibrate import Data
 from lowbit.ptq.passes import ordered, quantize_with_passes
+from lowbit.report.engine_ops import merge_float_layers
 from lowbit.report.evaluate import EvalSet, evaluate_pair
 from lowbit.report.render import to_json, to_markdown
 from lowbit.transforms.recipe import Recipe
@@ -134,7 +135,7 @@ def quantize_to_dir(
             "calib_seconds": calib_seconds,
             "passes": ordered(recipe.passes),  # in the order they ran
             "pass_seconds": pass_seconds,
-            "float_layers": _float_layers(qmodel),
+            "float_layers": merge_float_layers(_float_layers(qmodel), report["float_heavy_ops"]),
             "lowbit_version": __version__,
             "onnxruntime_version": onnxruntime.__version__,
             "torch_version": torch.__version__,
