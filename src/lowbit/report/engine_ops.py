@@ -8,7 +8,6 @@ in the written file:
 
 * no ``DequantizeLinear`` in front of its activation input → ``input not quantized``;
 * none in front of its weight → ``weight not quantized``;
-* a Conv / Gemm bias that is not an int32 ``DequantizeLinear`` (what QLinearConv / QGemm need);
 * a Conv whose output reaches no ``QuantizeLinear`` (QLinearConv has an integer output);
 * LSTM / GRU / RNN: ONNX Runtime has no static integer kernel (dynamic quantization has one);
 * otherwise: no integer kernel for that Q/DQ group on the CPU provider.
@@ -34,7 +33,7 @@ PASS_THROUGH = ("Relu", "Clip")  # a Q after Conv → Relu / Clip still makes a 
 
 
 class _FileGraph:
-    """Producers, consumers and initializer dtypes of the written file, and its nodes by name."""
+    """Producers and consumers of the written file's tensors, and its nodes by name."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.by_name = {n.name: n for n in model.graph.node if n.name}
@@ -43,12 +42,17 @@ class _FileGraph:
         for n in model.graph.node:
             for i in n.input:
                 self.users.setdefault(i, []).append(n)
-        self.dtype = {t.name: t.data_type for t in model.graph.initializer}
 
-    def node(self, name: str) -> onnx.NodeProto | None:
-        for candidate in (name, name.removeprefix("fused "), name.removesuffix("_nhwc")):
-            if candidate in self.by_name:
-                return self.by_name[candidate]
+    def node(self, executed: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The file's node an executed node came from: same name (``fused `` prefix dropped), else the producer
+        of one of its outputs (NCHWc kernels are named ``<original output>_nchwc``)."""
+        for name in (executed.name, executed.name.removeprefix("fused ")):
+            if name in self.by_name:
+                return self.by_name[name]
+        for out in [*executed.output, executed.name]:
+            node = self.producer.get(out) or self.producer.get(out.removesuffix("_nchwc"))
+            if node is not None and node.op_type not in QDQ_OPS:
+                return node
         return None
 
     def dequantized(self, tensor: str) -> onnx.NodeProto | None:
@@ -76,10 +80,6 @@ def float_reason(op_type: str, node: onnx.NodeProto | None, graph: _FileGraph) -
         return f"input not quantized (no DequantizeLinear in front of '{inputs[0]}')"
     if len(inputs) > 1 and inputs[1] and not graph.dequantized(inputs[1]):
         return f"weight not quantized (no DequantizeLinear in front of '{inputs[1]}')"
-    if base in ("Conv", "Gemm") and len(inputs) > 2 and inputs[2]:
-        bias = graph.dequantized(inputs[2])
-        if bias is None or graph.dtype.get(bias.input[0]) != onnx.TensorProto.INT32:
-            return f"bias '{inputs[2]}' is not an int32 DequantizeLinear (QLinearConv / QGemm need one)"
     if base == "Conv" and not graph.quantized_output(node.output[0]):
         return "output not quantized (QLinearConv needs a QuantizeLinear after the Conv)"
     return f"no integer kernel for this Q/DQ {base} group on ONNX Runtime's CPU provider"
@@ -92,13 +92,18 @@ def engine_accounting(int8_path: str | Path, threads: int = 2) -> dict:
         ``int8_kernels`` (count of integer kernel nodes), ``executed_op_types`` (op → count, all nodes),
         ``integer_kernel_ops`` / ``qdq_conversion_ops`` / ``float_ops`` (op → count, a partition of the
         executed nodes; ``float_ops`` holds float compute and data movement), ``float_heavy_ops`` (one
-        ``{"layer", "op", "reason"}`` per heavy op executed in float; ``layer`` is the ONNX node name).
+        ``{"layer", "op", "reason"}`` per heavy op executed in float; ``layer`` is the node's name in the
+        written file when found, else ONNX Runtime's).
     """
     optimized = optimized_graph(int8_path, threads)
     graph = _FileGraph(onnx.load(str(int8_path), load_external_data=False))
     ops = Counter(n.op_type for n in optimized.graph.node)
-    heavy = [{"layer": n.name or n.op_type, "op": n.op_type, "reason": float_reason(n.op_type, graph.node(n.name), graph)}
-             for n in optimized.graph.node if n.op_type in HEAVY_OPS]
+    heavy = []
+    for n in optimized.graph.node:
+        if n.op_type in HEAVY_OPS:
+            source = graph.node(n)
+            heavy.append({"layer": (source.name if source is not None else "") or n.name or n.op_type,
+                          "op": n.op_type, "reason": float_reason(n.op_type, source, graph)})
     return {
         "int8_kernels": sum(c for op, c in ops.items() if op in INT8_KERNELS),
         "executed_op_types": dict(sorted(ops.items())),
