@@ -7,7 +7,7 @@ GRU, RNN, their ``Fused*`` forms, ...) becomes a float layer with the reason, fo
 in the written file:
 
 * no ``DequantizeLinear`` in front of its activation input → ``input not quantized``;
-* none in front of its weight → ``weight not quantized``;
+* none in front of its weight (MatMul: its second input) → ``weight not quantized``;
 * a Conv whose output reaches no ``QuantizeLinear`` (QLinearConv has an integer output);
 * LSTM / GRU / RNN: ONNX Runtime has no static integer kernel (dynamic quantization has one);
 * otherwise: no integer kernel for that Q/DQ group on the CPU provider.
@@ -45,13 +45,16 @@ class _FileGraph:
 
     def node(self, executed: onnx.NodeProto) -> onnx.NodeProto | None:
         """The file's node an executed node came from: same name (``fused `` prefix dropped), else the producer
-        of one of its outputs (NCHWc kernels are named ``<original output>_nchwc``)."""
+        of its NCHWc name (``<original output>_nchwc``) or of one of its outputs, looking through a Relu / Clip
+        ONNX Runtime fused into it."""
         for name in (executed.name, executed.name.removeprefix("fused ")):
             if name in self.by_name:
                 return self.by_name[name]
-        for out in [*executed.output, executed.name]:
-            node = self.producer.get(out) or self.producer.get(out.removesuffix("_nchwc"))
-            if node is not None and node.op_type not in QDQ_OPS:
+        for tensor in (executed.name.removesuffix("_nchwc"), *executed.output):
+            node = self.producer.get(tensor)
+            while node is not None and node.op_type in PASS_THROUGH:
+                node = self.producer.get(node.input[0])
+            if node is not None and node.op_type in HEAVY_OPS:
                 return node
         return None
 
@@ -77,16 +80,23 @@ def float_reason(op_type: str, node: onnx.NodeProto | None, graph: _FileGraph) -
         return f"no integer kernel for this {base} on ONNX Runtime's CPU provider (node made by its optimizer)"
     inputs = list(node.input)
     if not graph.dequantized(inputs[0]):
+        between = graph.producer.get(inputs[0])
+        if between is not None and between.input and graph.dequantized(between.input[0]):
+            return (f"input not quantized: a {between.op_type} sits between its DequantizeLinear and the {base} "
+                    f"(ONNX Runtime's QDQ selectors need the DequantizeLinear right in front)")
         return f"input not quantized (no DequantizeLinear in front of '{inputs[0]}')"
     if len(inputs) > 1 and inputs[1] and not graph.dequantized(inputs[1]):
-        return f"weight not quantized (no DequantizeLinear in front of '{inputs[1]}')"
+        what = "weight" if base in ("Conv", "ConvTranspose", "Gemm") else "second input"
+        return f"{what} not quantized (no DequantizeLinear in front of '{inputs[1]}')"
     if base == "Conv" and not graph.quantized_output(node.output[0]):
         return "output not quantized (QLinearConv needs a QuantizeLinear after the Conv)"
     return f"no integer kernel for this Q/DQ {base} group on ONNX Runtime's CPU provider"
 
 
-def engine_accounting(int8_path: str | Path, threads: int = 2) -> dict:
+def engine_accounting(int8_path: str | Path, threads: int = 2, extra_kernels: tuple[str, ...] = ()) -> dict:
     """Integer kernels, Q/DQ conversions and float ops of the graph ONNX Runtime executes for ``int8_path``.
+
+    ``extra_kernels``: more op types to list as low-bit kernels (``MatMulNBits`` for dynamic exports).
 
     Returns:
         ``int8_kernels`` (count of integer kernel nodes), ``executed_op_types`` (op → count, all nodes),
@@ -98,6 +108,7 @@ def engine_accounting(int8_path: str | Path, threads: int = 2) -> dict:
     optimized = optimized_graph(int8_path, threads)
     graph = _FileGraph(onnx.load(str(int8_path), load_external_data=False))
     ops = Counter(n.op_type for n in optimized.graph.node)
+    kernels = (*INT8_KERNELS, *extra_kernels)
     heavy = []
     for n in optimized.graph.node:
         if n.op_type in HEAVY_OPS:
@@ -107,9 +118,9 @@ def engine_accounting(int8_path: str | Path, threads: int = 2) -> dict:
     return {
         "int8_kernels": sum(c for op, c in ops.items() if op in INT8_KERNELS),
         "executed_op_types": dict(sorted(ops.items())),
-        "integer_kernel_ops": {op: c for op, c in sorted(ops.items()) if op in INT8_KERNELS},
+        "integer_kernel_ops": {op: c for op, c in sorted(ops.items()) if op in kernels},
         "qdq_conversion_ops": {op: c for op, c in sorted(ops.items()) if op in QDQ_OPS},
-        "float_ops": {op: c for op, c in sorted(ops.items()) if op not in INT8_KERNELS and op not in QDQ_OPS},
+        "float_ops": {op: c for op, c in sorted(ops.items()) if op not in kernels and op not in QDQ_OPS},
         "float_heavy_ops": heavy,
     }
 

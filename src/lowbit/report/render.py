@@ -110,7 +110,7 @@ def executed_lines(r: dict) -> list[str]:
     lines = [
         "## What ONNX Runtime executes",
         "",
-        f"- integer kernels ({r.get('int8_kernels', 0)}): {_counts(r['integer_kernel_ops'])}",
+        f"- integer kernels ({sum(r['integer_kernel_ops'].values())}): {_counts(r['integer_kernel_ops'])}",
         f"- float ↔ integer conversions ({sum(r.get('qdq_conversion_ops', {}).values())}): "
         f"{_counts(r.get('qdq_conversion_ops', {}))}",
         f"- float ops and data movement ({sum(r.get('float_ops', {}).values())}): {_counts(r.get('float_ops', {}))}",
