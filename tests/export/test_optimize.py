@@ -135,3 +135,50 @@ def test_engine_runs_what_onnxruntime_quantize_static_runs(exported):
     assert ours["integer_kernel_ops"].get("QLinearConv") == ort_ops["QLinearConv"] == 3
     assert ours["integer_kernel_ops"].get("QGemm") == ort_ops["QGemm"] == 1
     assert sum(ours["qdq_conversion_ops"].values()) <= sum(ort_ops[k] for k in ("QuantizeLinear", "DequantizeLinear"))
+
+
+def _pad_qdq_conv(mode: str, value: float | None) -> onnx.ModelProto:
+    """input → Pad(mode, value) → Q → DQ → Conv(int8 weight behind a DQ) → output, written by hand."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), ("s", np.array(0.02, np.float32)),
+        ("zp", np.array(128, np.uint8)), ("ws", np.array(0.01, np.float32)), ("wzp", np.array(0, np.int8)),
+        ("wq", rng.integers(-100, 100, (4, 3, 3, 3)).astype(np.int8)), ("zero", np.array(0, np.int64))]]
+    pad_inputs = ["input", "pads"]
+    if value is not None:
+        inits.append(numpy_helper.from_array(np.array(value, np.float32), "value"))
+        pad_inputs.append("value")
+    # a large constant-shape ConstantOfShape (output 1x4x64x64) added to the result: must not be folded
+    inits.append(numpy_helper.from_array(np.array([1, 4, 64, 64], np.int64), "big_shape"))
+    nodes = [helper.make_node("Pad", pad_inputs, ["padded"], mode=mode),
+             helper.make_node("QuantizeLinear", ["padded", "s", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["x"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wzp"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv"),
+             helper.make_node("ConstantOfShape", ["big_shape"], ["big"]),
+             helper.make_node("Add", ["y", "big"], ["output"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("mode, value, moved", [("constant", None, True), ("constant", 0.0, True),
+                                                ("constant", 1.0, False), ("reflect", None, False)])
+def test_only_zero_constant_pads_move_behind_qdq_and_results_do_not_change(tmp_path, mode, value, moved):
+    from lowbit.export.optimize import clean_onnx
+    from lowbit.export.runtime import make_session
+
+    raw = _pad_qdq_conv(mode, value)
+    clean = clean_onnx(raw)
+    ops = Counter(n.op_type for n in clean.graph.node)
+    assert ops["Pad"] == (0 if moved else 1) and ops["ConstantOfShape"] == 1
+    conv = next(n for n in clean.graph.node if n.op_type == "Conv")
+    assert [a.ints for a in conv.attribute if a.name == "pads"] == ([[1, 1, 1, 1]] if moved else [])
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    outs = []
+    for name, model in (("raw", raw), ("clean", clean)):
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        outs.append(make_session(tmp_path / f"{name}.onnx").run(None, {"input": x})[0])
+    np.testing.assert_array_equal(outs[0], outs[1])

@@ -29,15 +29,15 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnx_ir as ir
-from onnxscript import rewriter
+from onnxscript import ir, rewriter
 from onnxscript.optimizer import optimize_ir
 from onnxscript.rewriter import pattern as orp
-from onnxscript.rewriter.rules.common import _fuse_pad_into_conv
+from onnxscript.rewriter.rules.common import fuse_pad_into_conv_rule, normalize_pad_format_conv_rule
 
 log = logging.getLogger(__name__)
 
 FOLD_ALWAYS = ("ConstantOfShape",)
+FOLD_ALWAYS_MAX_ELEMENTS = 4096  # a pads vector, not a large zero tensor that would bloat the file
 
 
 def _feeds_dequantize(node: ir.Node) -> bool:
@@ -45,12 +45,14 @@ def _feeds_dequantize(node: ir.Node) -> bool:
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    """Keep what feeds a ``DequantizeLinear`` (the int4 → int8 ``Cast`` of packed weights), fold
-    ``ConstantOfShape`` (a pads computation); everything else follows onnxscript's defaults."""
+    """Keep what feeds a ``DequantizeLinear`` (the int4 → int8 ``Cast`` of packed weights), fold a small
+    constant ``ConstantOfShape`` (a pads computation); everything else follows onnxscript's defaults."""
     if _feeds_dequantize(node):
         return False
     if node.domain in ("", "ai.onnx") and node.op_type in FOLD_ALWAYS:
-        return True
+        shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+        if shape is not None and int(np.prod(shape.numpy())) <= FOLD_ALWAYS_MAX_ELEMENTS:
+            return True
     return None
 
 
@@ -94,7 +96,7 @@ class QuantizeBeforeZeroPad(orp.RewriteRuleClassBase):
         return op.op("Pad", dq, *pad_node.inputs[1:], _name=pad_node.name, **pad_node.attributes.copy())
 
 
-PAD_RULES = orp.RewriteRuleSet([QuantizeBeforeZeroPad.rule(), *_fuse_pad_into_conv.rules.rules])
+PAD_RULES = orp.RewriteRuleSet([QuantizeBeforeZeroPad.rule(), normalize_pad_format_conv_rule, fuse_pad_into_conv_rule])
 
 
 def clean_onnx(proto: onnx.ModelProto) -> onnx.ModelProto:

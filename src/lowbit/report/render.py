@@ -3,6 +3,11 @@
 ``report.json`` keys (at least): ``metric_fp32``, ``metric_int8``, ``top1_agreement``, ``kl``, ``sqnr_db``,
 ``size_bytes_fp32``, ``size_bytes_int8``, ``latency_ms_fp32_b1``, ``latency_ms_int8_b1``,
 ``latency_ms_fp32_b32``, ``latency_ms_int8_b32``, ``parity_ok``, ``float_layers``.
+
+What ONNX Runtime executes (``report.engine_ops``): ``int8_kernels`` (count of integer kernel nodes),
+``integer_kernel_ops``, ``qdq_conversion_ops``, ``float_ops`` (op → count, a partition of ``executed_op_types``),
+``float_heavy_ops`` (``{"layer", "op", "reason"}`` per Conv / MatMul / Gemm / LSTM / ... run in float, merged
+into ``float_layers``) and ``slowdown`` (a sentence when INT8 is slower than FP32, else None).
 """
 
 from __future__ import annotations
