@@ -37,6 +37,7 @@ from lowbit.outdir import (  # noqa: F401 — re-exported: the CLI and older cal
 from lowbit.provenance import save_trusted_set, text_sha256, weights_sha256
 from lowbit.ptq.calibrate import Data
 from lowbit.ptq.passes import ordered, quantize_with_passes
+from lowbit.report.engine_ops import merge_float_layers
 from lowbit.report.evaluate import EvalSet, evaluate_pair
 from lowbit.report.render import to_json, to_markdown
 from lowbit.transforms.recipe import Recipe
@@ -122,7 +123,7 @@ def quantize_to_dir(
             "calib_seconds": calib_seconds,
             "passes": ordered(recipe.passes),  # in the order they ran
             "pass_seconds": pass_seconds,
-            "float_layers": _float_layers(qmodel),
+            "float_layers": merge_float_layers(_float_layers(qmodel), report["float_heavy_ops"]),
             "capture": getattr(getattr(qmodel, "lowbit_info", None), "capture", ""),
             "lowbit_version": __version__,
             "onnxruntime_version": onnxruntime.__version__,

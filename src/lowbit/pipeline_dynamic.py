@@ -26,6 +26,7 @@ from lowbit.pipeline import PTQResult, __version__, machine_description
 from lowbit.ptq.calibrate import Data
 from lowbit.ptq.passes import quantize_with_passes
 from lowbit.report.embedding import evaluate_onnx_pair, to_json, to_markdown
+from lowbit.report.engine_ops import merge_float_layers
 from lowbit.transforms.dynamic import quantize_dynamic_
 from lowbit.transforms.recipe import Recipe
 
@@ -75,7 +76,8 @@ def quantize_mode_to_dir(model: nn.Module, example_input: torch.Tensor, calib_da
         report = {**(labels or {}), "mode": mode, "target": recipe.target, "quantize_seconds": seconds}
         report.update(evaluate_onnx_pair(fp32_path, q_path, qmodel, eval_inputs, embedding, threads, repeats, note))
         report.update({
-            "float_layers": _float_layers(qmodel), "lowbit_version": __version__,
+            "float_layers": merge_float_layers(_float_layers(qmodel), report["float_heavy_ops"]),
+            "lowbit_version": __version__,
             "onnxruntime_version": onnxruntime.__version__, "torch_version": torch.__version__,
             "machine": machine_description(), "date": _dt.date.today().isoformat(),
         })

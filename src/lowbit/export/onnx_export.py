@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lowbit.export.lowbit_onnx import INT8_OPSET, TORCH_MAX_OPSET, finalize_lowbit, resolve_opset
+from lowbit.export.optimize import clean_onnx
 from lowbit.export.runtime import ParityResult, make_session, parity, run_session
 from lowbit.nn import QuantLayerMixin, TensorQuantizer, quantizers_disabled  # noqa: F401 (re-exported)
 
@@ -61,10 +62,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def to_onnx_model(model: nn.Module, example_input: torch.Tensor, opset: int | None = None) -> onnx.ModelProto:
+def to_onnx_model(model: nn.Module, example_input: torch.Tensor, opset: int | None = None,
+                  clean: bool = True) -> onnx.ModelProto:
     """Trace ``model`` (quantizers in ONNX form) into an in-memory ONNX model with a dynamic batch axis.
 
     ``opset`` None picks 21 when a tensor needs int4 / uint4 or blocks, else 17 (see ``lowbit_onnx.resolve_opset``).
+    ``clean``: constant folding and pad fusion with onnxscript's optimizer (``export.optimize.clean_onnx``).
     """
     opset = resolve_opset(model, opset)
     buf = io.BytesIO()
@@ -78,6 +81,8 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, opset: int | No
         )
     proto = onnx.load_model_from_string(buf.getvalue())
     finalize_lowbit(proto, opset)
+    if clean:
+        proto = clean_onnx(proto)
     onnx.checker.check_model(proto)
     return proto
 
@@ -90,6 +95,7 @@ def export_onnx(
     opset: int | None = None,
     float_model: bool = False,
     check_parity: bool = True,
+    clean: bool = True,
 ) -> Path:
     """Export a converted model to ONNX with Q/DQ nodes (or in float with ``float_model=True``).
 
@@ -104,6 +110,8 @@ def export_onnx(
         float_model: export with every quantizer disabled (the FP32 baseline of the same graph).
         check_parity: run the written INT8 file on ONNX Runtime with ``example_input`` and compare with the
             PyTorch simulation (``export.runtime.check_parity``); a failure is logged as a warning.
+        clean: fold constants and fuse pads with onnxscript's optimizer (``export.optimize.clean_onnx``);
+            False writes the graph as the TorchScript exporter traced it.
 
     Returns:
         the written path.
@@ -113,7 +121,7 @@ def export_onnx(
     path = Path(path)
     ctx = quantizers_disabled(model) if float_model else contextlib.nullcontext()
     with ctx:
-        proto = to_onnx_model(model, example_input, opset)  # checks opset (resolve_opset)
+        proto = to_onnx_model(model, example_input, opset, clean)  # checks opset (resolve_opset)
     proto.producer_name = "lowbit"
     atomic_write_bytes(path, proto.SerializeToString())
     log.info("wrote %s (%d nodes)", path, len(proto.graph.node))

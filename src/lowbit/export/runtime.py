@@ -56,13 +56,17 @@ def run_session(session: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(session.run(None, input_feed(session, x))[0]))
 
 
-def optimized_op_types(path: str | Path, threads: int = 2) -> Counter:
-    """Op types of the graph ONNX Runtime actually executes after its optimisations."""
+def optimized_graph(path: str | Path, threads: int = 2) -> onnx.ModelProto:
+    """The graph ONNX Runtime actually executes after its optimisations (CPU provider, full optimisation)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
         make_session(path, threads, optimized_path=out)
-        model = onnx.load(str(out))
-    return Counter(node.op_type for node in model.graph.node)
+        return onnx.load(str(out))
+
+
+def optimized_op_types(path: str | Path, threads: int = 2) -> Counter:
+    """Op types of the graph ONNX Runtime actually executes after its optimisations."""
+    return Counter(node.op_type for node in optimized_graph(path, threads).graph.node)
 
 
 def int8_kernel_count(ops: Counter) -> int:

@@ -22,6 +22,7 @@ from torch import nn
 from lowbit.ptq import adaround, bias_correction, cle, gptq
 from lowbit.ptq.calibrate import Data, calibrate
 from lowbit.ptq.capture import ForwardLoop, engine_emulation_off
+from lowbit.ptq.recurrent import check_recurrent
 from lowbit.transforms.prepare import convert_, prepare_, quant_layers
 from lowbit.transforms.recipe import Recipe
 
@@ -65,10 +66,17 @@ def quantize_with_passes(model: nn.Module, calib_data: Data, recipe: Recipe, exa
         pass_batches: the passes see at most this many calibration batches (None: all); calibration itself
             always uses all of them.
         timings: filled with seconds per pass when given.
+
+    Raises:
+        ValueError: an LSTM / GRU / RNN layer that no recipe rule keeps in float (``ptq.recurrent``).
     """
     timings = {} if timings is None else timings
     names = ordered(recipe.passes)
+    kept_recurrent = check_recurrent(model, recipe)  # static recipe: no LSTM / GRU unless kept float
     prepared = prepare_(copy.deepcopy(model).eval(), recipe, example_input)
+    info = getattr(prepared, "lowbit_info", None)
+    if info is not None:
+        info.float_layers.extend(k for k in kept_recurrent if k[0] not in {n for n, _ in info.float_layers})
     loop = ForwardLoop(calib_data, max_batches=pass_batches)
     run_passes(prepared, [n for n in names if n in PRE_CALIBRATION], loop, timings)
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ Every quantized figure comes from the engine; the simulation enters through the 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,8 +18,11 @@ from torch import nn
 from lowbit.analysis import metrics
 from lowbit.analysis.embedding import mean_cosine, nn_agreement
 from lowbit.export.dynamic_onnx import run_onnx_batched
-from lowbit.export.runtime import int8_kernel_count, latency_ms, make_session, optimized_op_types, parity
-from lowbit.report.render import _json_safe
+from lowbit.export.runtime import latency_ms, make_session, parity
+from lowbit.report.engine_ops import engine_accounting, slowdown
+from lowbit.report.render import _json_safe, executed_lines
+
+log = logging.getLogger(__name__)
 
 EMBEDDING_METRIC = "embedding_cosine"
 INTEGER_KERNELS = ("MatMulNBits", "DynamicQuantizeLinear")
@@ -53,10 +57,12 @@ def evaluate_onnx_pair(fp32_path: Path, q_path: Path, sim_model: nn.Module, inpu
                 "size_bytes_fp32": fp32_path.stat().st_size, "size_bytes_int8": q_path.stat().st_size})
     par = parity(sim, out)
     fig["parity_ok"], fig["parity"] = par.ok, par.to_dict()
-    ops = optimized_op_types(q_path, threads)
-    fig["int8_kernels"] = int8_kernel_count(ops) + sum(n for op, n in ops.items() if op in INTEGER_KERNELS)
-    fig["executed_op_types"] = dict(sorted(ops.items()))
+    fig.update(engine_accounting(q_path, threads, extra_kernels=("MatMulNBits",)))
+    fig["int8_kernels"] += sum(n for op, n in fig["executed_op_types"].items() if op in INTEGER_KERNELS)
     fig.update(_latencies(fp32_path, q_path, inputs, threads, repeats))
+    fig["slowdown"] = slowdown(fig)
+    if fig["slowdown"]:
+        log.warning("%s: %s", q_path, fig["slowdown"])
     return fig
 
 
@@ -103,8 +109,7 @@ def to_markdown(r: dict) -> str:
         f"output elements agree within one output step ({par['step']:.4g}); max difference {par['max_abs_diff']:.4g}. "
         f"Simulated metric: {r['metric_int8_simulated']:.5f}.",
         "",
-        f"ONNX Runtime executes {r['int8_kernels']} integer kernels: "
-        + ", ".join(f"{k} x{v}" for k, v in r["executed_op_types"].items()),
+        *executed_lines(r),
         "",
         "## Layers left in float",
         "",

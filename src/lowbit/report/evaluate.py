@@ -15,14 +15,8 @@ import torch
 from torch import nn
 
 from lowbit.analysis import metrics
-from lowbit.export.runtime import (
-    int8_kernel_count,
-    latency_ms,
-    make_session,
-    optimized_op_types,
-    parity,
-    run_session,
-)
+from lowbit.export.runtime import latency_ms, make_session, parity, run_session
+from lowbit.report.engine_ops import engine_accounting, slowdown
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +79,12 @@ def evaluate_pair(
     threads: int = 2,
     repeats: int = 20,
 ) -> dict:
-    """All report figures for one FP32 / INT8 pair (see ``report.render`` for the keys)."""
+    """All report figures for one FP32 / INT8 pair (see ``report.render`` for the keys).
+
+    What ONNX Runtime executes (integer kernels, conversions, float heavy ops with their reasons) comes from
+    ``report.engine_ops.engine_accounting``; ``slowdown`` is a sentence when INT8 is slower than FP32 at batch 1
+    or 32 (also logged as a warning), else None.
+    """
     fp32_sess, int8_sess = make_session(fp32_path, threads), make_session(int8_path, threads)
     fp32_pred, int8_pred = batched_predict(fp32_sess), batched_predict(int8_sess)
     ref, out = fp32_pred(ev.inputs), int8_pred(ev.inputs)
@@ -110,8 +109,9 @@ def evaluate_pair(
     par = parity(sim, out)
     fig["parity_ok"] = par.ok
     fig["parity"] = par.to_dict()
-    ops = optimized_op_types(int8_path, threads)
-    fig["int8_kernels"] = int8_kernel_count(ops)
-    fig["executed_op_types"] = dict(sorted(ops.items()))
+    fig.update(engine_accounting(int8_path, threads))
     fig.update(_latencies(fp32_path, int8_path, ev.inputs, threads, repeats))
+    fig["slowdown"] = slowdown(fig)
+    if fig["slowdown"]:
+        log.warning("%s: %s", int8_path, fig["slowdown"])
     return fig

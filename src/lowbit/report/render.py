@@ -3,6 +3,11 @@
 ``report.json`` keys (at least): ``metric_fp32``, ``metric_int8``, ``top1_agreement``, ``kl``, ``sqnr_db``,
 ``size_bytes_fp32``, ``size_bytes_int8``, ``latency_ms_fp32_b1``, ``latency_ms_int8_b1``,
 ``latency_ms_fp32_b32``, ``latency_ms_int8_b32``, ``parity_ok``, ``float_layers``.
+
+What ONNX Runtime executes (``report.engine_ops``): ``int8_kernels`` (count of integer kernel nodes),
+``integer_kernel_ops``, ``qdq_conversion_ops``, ``float_ops`` (op → count, a partition of ``executed_op_types``),
+``float_heavy_ops`` (``{"layer", "op", "reason"}`` per Conv / MatMul / Gemm / LSTM / ... run in float, merged
+into ``float_layers``) and ``slowdown`` (a sentence when INT8 is slower than FP32, else None).
 """
 
 from __future__ import annotations
@@ -81,14 +86,42 @@ def to_markdown(r: dict) -> str:
         *(["This model targets TensorRT; every figure here, parity included, is measured on ONNX Runtime's CPU "
            "kernels (which saturate 8-bit weights on CPUs without VNNI), not on TensorRT.", ""]
           if r.get("target") == "tensorrt" else []),
-        f"ONNX Runtime executes {r.get('int8_kernels', 0)} integer kernels: "
-        + ", ".join(f"{k} x{v}" for k, v in r.get("executed_op_types", {}).items()),
+        *executed_lines(r),
         "",
         "## Layers left in float",
         "",
     ]
     if r["float_layers"]:
-        lines += [f"- `{f['layer']}`: {f['reason']}" for f in r["float_layers"]]
+        lines += [f"- `{f['layer']}`{_node_note(f)}: {f['reason']}" for f in r["float_layers"]]
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"
+
+
+def _counts(ops: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in ops.items()) or "none"
+
+
+def _node_note(entry: dict) -> str:
+    return f" (ONNX node `{entry['node']}`)" if entry.get("node") and entry["node"] != entry["layer"] else ""
+
+
+def executed_lines(r: dict) -> list[str]:
+    """What ONNX Runtime executes: integer kernels, Q/DQ conversions and float ops as separate lists."""
+    if "integer_kernel_ops" not in r:  # a report from before the split: one list, labelled as such
+        return [f"ONNX Runtime executes {r.get('int8_kernels', 0)} integer kernels among: "
+                + _counts(r.get("executed_op_types", {}))]
+    heavy = r.get("float_heavy_ops", [])
+    lines = [
+        "## What ONNX Runtime executes",
+        "",
+        f"- integer kernels ({sum(r['integer_kernel_ops'].values())}): {_counts(r['integer_kernel_ops'])}",
+        f"- float ↔ integer conversions ({sum(r.get('qdq_conversion_ops', {}).values())}): "
+        f"{_counts(r.get('qdq_conversion_ops', {}))}",
+        f"- float ops and data movement ({sum(r.get('float_ops', {}).values())}): {_counts(r.get('float_ops', {}))}",
+        f"- heavy ops (Conv, MatMul, Gemm, LSTM, ...) executed in float: {len(heavy)}"
+        + ("" if not heavy else " — " + ", ".join(f"`{h['layer']}` ({h['op']})" for h in heavy)),
+    ]
+    if r.get("slowdown"):
+        lines += ["", f"**Warning: {r['slowdown']}.**"]
+    return lines
