@@ -225,8 +225,8 @@ def test_untraceable_model_falls_back_to_module_swap(caplog):
     model = Untraceable().eval()
     x = torch.rand(8, 3, 6, 6) + 0.1
     ref = model(x)
-    with caplog.at_level(logging.WARNING, logger="lowbit"):
-        q = lowbit.prepare_(copy.deepcopy(model), lowbit.preset("int8"), x[:1])
+    with caplog.at_level(logging.WARNING, logger="lowbit"):  # torch.fx only: torch.export specialises (below)
+        q = lowbit.prepare_(copy.deepcopy(model), lowbit.preset("int8"), x[:1], capture="fx")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "fell back to module swap" in r.getMessage()]
     assert len(warnings) == 1
     msg = warnings[0].getMessage()
@@ -258,3 +258,24 @@ def test_convert_before_calibrate_is_refused():
     q = lowbit.prepare_(_model(), lowbit.preset("int8"), torch.randn(1, 3, 8, 8))
     with pytest.raises(RuntimeError, match="was never calibrated"):
         lowbit.convert_(q)
+
+
+def test_data_dependent_branch_is_specialised_and_named():
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    x = torch.rand(8, 3, 6, 6) + 0.1  # x.sum() > 0: the residual branch is taken
+    q = lowbit.prepare_(copy.deepcopy(model), lowbit.preset("int8"), x[:1])
+    info = q.lowbit_info
+    assert info.capture_path == "torch.export" and isinstance(q, fx.GraphModule)
+    assert "specialised to the example input" in info.capture and "if x.sum() > 0" in info.capture
+    assert info.folded_bn == ["features.1"] and "add" in info.layer_kinds.values()
+    torch.testing.assert_close(q(x), model(x), rtol=0, atol=1e-5)  # the branch taken, BN folded
+
+
+def test_capture_paths_can_be_chosen_and_bad_choice_is_named():
+    model = _model()
+    x = torch.randn(1, 3, 8, 8)
+    assert lowbit.prepare_(copy.deepcopy(model), lowbit.preset("int8"), x, capture="swap").lowbit_info.capture_path \
+        == "module swap"
+    with pytest.raises(ValueError, match="unknown capture 'jit'"):
+        lowbit.prepare_(copy.deepcopy(model), lowbit.preset("int8"), x, capture="jit")

@@ -52,14 +52,18 @@ class QuantLayerMixin:
         """Declare the quantizer the engine fuses onto this layer's output (QLinearConv / QLinearMatMul)."""
         self.__dict__["_engine_output"] = quantizer
 
-    def _engine_ready(self) -> bool:
-        q_out = self.__dict__.get("_engine_output")
+    def _integer_inputs_ready(self) -> bool:
+        """Input and weight quantized and frozen, per-tensor/per-channel weight, and a plain inference call."""
         return (
-            q_out is not None and q_out.is_active and isinstance(q_out.spec.granularity, PerTensor)
-            and self.effective_input_quantizer() is not None and self.weight_quantizer.is_active
+            self.effective_input_quantizer() is not None and self.weight_quantizer.is_active
             and not self.blocked_weight()
             and not self.export_mode and not torch.is_grad_enabled() and not torch.jit.is_tracing()
         )
+
+    def _engine_ready(self) -> bool:
+        q_out = self.__dict__.get("_engine_output")
+        return (q_out is not None and q_out.is_active and isinstance(q_out.spec.granularity, PerTensor)
+                and self._integer_inputs_ready())
 
     def _engine_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Bit-exact emulation of the engine's integer kernel + requantization (see ``nn.engine``)."""
@@ -276,13 +280,16 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
             y = y + torch.clamp(torch.round(self.bias.detach() / grid[0]), INT32_MIN, INT32_MAX) * grid[0]
         elif self.bias is not None:
             y = y + self.bias.detach()
-        return self.__dict__["_engine_output"](y)
+        q_out = self.__dict__.get("_engine_output")
+        return q_out(y) if q_out is not None else self.output_quantizer(y)
 
     def forward(self, x):
         # 2-D input exports as Gemm (QGemm: integer requantization, emulated exactly); higher ranks export as
         # MatMul + Add, which ONNX Runtime runs as MatMulIntegerToFloat + float Add + Q: the float form is exact.
+        if x.dim() > 2 and self._integer_inputs_ready():
+            return self._matmul_to_float_forward(x)
         if self._engine_ready():
-            return self._engine_forward(x) if x.dim() == 2 else self._matmul_to_float_forward(x)
+            return self._engine_forward(x)
         w, b = self._weight_and_bias()
         return self.output_quantizer(F.linear(self.input_quantizer(x), w, b))
 

@@ -177,10 +177,29 @@ def fold_bn_graph(gm: fx.GraphModule) -> list[str]:
         gm.graph.erase_node(node)
         folded.append(bn.name)
     gm.graph.lint()
+    gm.graph.eliminate_dead_code()
+    _delete_unused_attributes(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
     log.info("folded %d BatchNorm layers", len(folded))
     return folded
+
+
+def _delete_unused_attributes(gm: fx.GraphModule) -> None:
+    """Drop parameters and buffers that no node reads any more (a folded functional batch norm's statistics),
+    so the prepared model holds what is exported and nothing else."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        owner_name, _, attr = name.rpartition(".")
+        if name in used or any(name.startswith(u + ".") for u in used):
+            continue
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if isinstance(owner, nn.modules.batchnorm._BatchNorm):
+            continue  # a module that is still called keeps its own state
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
 
 
 def fold_bn_sequential(model: nn.Module) -> list[str]:

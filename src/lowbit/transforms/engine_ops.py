@@ -29,7 +29,8 @@ ORT_ELEMENTWISE_FUNCTIONS = {
 ORT_ELEMENTWISE_METHODS = {"sigmoid": "sigmoid", "mul": "mul"}
 ORT_ELEMENTWISE_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.LeakyReLU, "leaky_relu"))
 ELEMENTWISE_KINDS = ("sigmoid", "leaky_relu", "mul")
-# Kinds whose ONNX form fuses into an integer kernel with a float output (no output Q needed) — ``QGemm``.
+# Kinds whose ONNX form fuses into an integer kernel with a float output, so they need no output Q (which would
+# only add rounding error): Linear (``QGemm`` / ``MatMulIntegerToFloat``) and matmul (``MatMulIntegerToFloat``).
 FLOAT_OUTPUT_OK = ("Linear",)
 
 

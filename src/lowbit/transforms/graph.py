@@ -237,8 +237,8 @@ def _moves_data(gm: fx.GraphModule, arg: fx.Node, src: fx.Node) -> bool:
 
 
 def _output_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands: dict) -> None:
-    """ONNX Runtime fuses an op into its integer kernel only with a Q on its output: give every quantized op
-    one (after the ReLU/ReLU6 it folds), whatever reads it — unless a ``QGemm`` may write float (graph output)."""
+    """ONNX Runtime fuses Conv, Add, Mul, Sigmoid, pools… into integer kernels only with a Q on their output: give
+    each one (after the ReLU/ReLU6 it folds), whatever reads it. Linear and matmul fuse without one."""
     if recipe.target != "onnxruntime":
         return
     for site in plan.sites:
@@ -246,7 +246,7 @@ def _output_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands
             continue
         out = output_point(site.node, lambda n: producer_bounds(gm, n) is not None or _is_batchnorm(gm, n))
         users = list(out.users)
-        if not users or (any(u.op == "output" for u in users) and site.kind in FLOAT_OUTPUT_OK):
+        if not users or site.kind in FLOAT_OUTPUT_OK:
             continue
         spec = _activation_spec(site.input, producer_bounds(gm, out), recipe)
         known = demands.setdefault((out, spec), [])
