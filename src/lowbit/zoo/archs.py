@@ -26,8 +26,8 @@ name                   model                                            input â†
 =====================  ===============================================  ==========================================
 
 Images are ``float32 [N, 3, 224, 224]`` (ImageNet-normalised photo views, data ``"photos"``); token ids are
-``int64 [N, 64]`` from the MiniLM tokenizer (vocabulary 30522, data ``"sentences"``). Text models take the ids
-only: no attention mask is passed (padding tokens are attended to, as a mask-free export does).
+``int64 [N, 64]`` from the MiniLM tokenizer (vocabulary 30522, data ``"sentences"``, right-padded with id 0).
+Text models take the ids only; BERT and GPT-2 derive their attention mask from them (``ids != 0``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ SEED = 0
 IMAGE_SIZE = 224
 VOCAB_SIZE = 30522  # the MiniLM (bert-base-uncased) WordPiece vocabulary the "sentences" data is tokenized with
 N_CLASSES = 1000
-BN_IMAGES, BN_BATCH, BN_SEED = 16, 8, 1  # photo views BatchNorm statistics are measured on (see settle_batchnorm)
+PAD_ID = 0
+BN_IMAGES, BN_BATCH, BN_SEED = 8, 8, 1  # photo views BatchNorm statistics are measured on (see settle_batchnorm)
 
 __all__ = ["ARCHS", "ArchSpec", "IMAGE_SIZE", "REFERENCE_ZOO", "SEED", "build", "example_input"]
 
@@ -63,7 +64,12 @@ class ImageLogits(nn.Module):
 
 
 class TextOutput(nn.Module):
-    """Wrap a ``transformers`` text model so that ``forward(ids)`` returns one tensor (``field`` of its output)."""
+    """Wrap a ``transformers`` text model so that ``forward(ids)`` returns one tensor (``field`` of its output).
+
+    The attention mask is derived from the ids (``ids != 0``, the ``[PAD]`` id), so the model has one input.
+    Passing a mask also keeps ``transformers`` from probing ``position_ids`` for packed sequences with
+    ``torch.diff``, which the TorchScript ONNX exporter cannot export.
+    """
 
     def __init__(self, model: nn.Module, field: str) -> None:
         super().__init__()
@@ -71,7 +77,7 @@ class TextOutput(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``field`` (``logits`` or ``last_hidden_state``) for token ids ``[N, L]``."""
-        return getattr(self.model(input_ids=ids), self.field)
+        return getattr(self.model(input_ids=ids, attention_mask=(ids != PAD_ID).long()), self.field)
 
 
 def _transformers():
