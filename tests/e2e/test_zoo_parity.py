@@ -46,7 +46,6 @@ def test_quantize_export_parity(name: str, tmp_path) -> None:
                              entry.example_input, show_progress=False)
     path = lowbit.export_onnx(qmodel, entry.example_input, tmp_path / "model_int8.onnx", check_parity=False)
     result = lowbit.check_onnx_parity(qmodel, path, data.eval_inputs)
-    assert result.elements == qmodel(data.eval_inputs[:1]).numel() * N_EVAL
     assert result.ok, (f"{name}: {100 * result.fraction_within_step:.2f}% of {result.elements} output elements "
                        f"within one step {result.step:.3g} (need {100 * PARITY_FRACTION:.1f}%), "
                        f"max |diff| {result.max_abs_diff:.3g}")
