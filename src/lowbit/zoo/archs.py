@@ -7,27 +7,28 @@ widths, kernel sizes, heads and patch sizes are those of the named model. Attent
 (``attn_implementation="sdpa"``, ``torch.nn.functional.scaled_dot_product_attention``, for ViT, BERT and GPT-2;
 Swin and MobileViT have only their own eager attention: explicit ``matmul`` + ``softmax``).
 
-=====================  ===============================================  ==========================================
-name                   model                                            input → output
-=====================  ===============================================  ==========================================
-``resnet18``           ResNet-18 (basic blocks, 64..512), depths 1-1-1-1 image → logits ``[N, 1000]``
-``convnext-atto``      ConvNeXt-Atto (40..320), depths 1-1-2-1          image → logits ``[N, 1000]``
-``mobilenet-v2``       MobileNetV2 1.0 (all 17 inverted residuals)      image → logits ``[N, 1000]``
-``mobilevit-xxs``      MobileViT-XXS (hidden 64/80/96)                  image → logits ``[N, 1000]``
-``efficientnet-b0``    EfficientNet-B0 widths, SiLU, depth x0.5         image → logits ``[N, 1000]``
-``regnetx-200mf``      RegNetX-200MF (24..368, groups 8), depths 1-1-2-2 image → logits ``[N, 1000]``
-``vit-tiny``           ViT-Tiny/16 (192, 3 heads), 2 layers             image → logits ``[N, 1000]``
-``swin-tiny``          Swin-T (96, heads 3-6-12-24, window 7), 1-1-2-1  image → logits ``[N, 1000]``
-``bert-mini``          BERT-mini (256, 4 heads, 4 layers)               ids → hidden states ``[N, L, 256]``
-``gpt2-small``         GPT-2 small (768, 12 heads), 2 layers            ids → logits ``[N, L, 30522]``
-``silu-hardswish-cnn`` :class:`~lowbit.zoo.blocks.SiluHardswishCNN`     image → logits ``[N, 1000]``
-``unet-tiny``          :class:`~lowbit.zoo.blocks.UNetTiny`             image → pixel logits ``[N, 4, H, W]``
-``lstm-tagger``        :class:`~lowbit.zoo.blocks.LSTMTagger`           ids → tag logits ``[N, L, 17]``
-=====================  ===============================================  ==========================================
+======================  =================================================  =====================================
+name                    model                                              input → output
+======================  =================================================  =====================================
+``resnet18``            ResNet-18 (basic blocks, 64..512), depths 1-1-1-1  image → logits ``[N, 1000]``
+``convnext-atto``       ConvNeXt-Atto (40..320), depths 1-1-2-1            image → logits ``[N, 1000]``
+``mobilenet-v2``        MobileNetV2 1.0 (all 17 inverted residuals)        image → logits ``[N, 1000]``
+``mobilevit-xxs``       MobileViT-XXS (hidden 64/80/96)                    image → logits ``[N, 1000]``
+``efficientnet-b0``     EfficientNet-B0 widths, SiLU, depth x0.5           image → logits ``[N, 1000]``
+``regnetx-200mf``       RegNetX-200MF (24..368, groups 8), depths 1-1-2-2  image → logits ``[N, 1000]``
+``vit-tiny``            ViT-Tiny/16 (192, 3 heads), 2 layers               image → logits ``[N, 1000]``
+``swin-tiny``           Swin-T (96, heads 3-6-12-24, window 7), 1-1-2-1    image → logits ``[N, 1000]``
+``bert-mini``           BERT-mini (256, 4 heads, 4 layers)                 ids → hidden states ``[N, L, 256]``
+``gpt2-small``          GPT-2 small (768, 12 heads), 2 layers              ids → logits ``[N, L, 30522]``
+``silu-hardswish-cnn``  :class:`~lowbit.zoo.blocks.SiluHardswishCNN`       image → logits ``[N, 1000]``
+``unet-tiny``           :class:`~lowbit.zoo.blocks.UNetTiny`               image → pixel logits ``[N, 4, H, W]``
+``lstm-tagger``         :class:`~lowbit.zoo.blocks.LSTMTagger`             ids → tag logits ``[N, L, 17]``
+======================  =================================================  =====================================
 
 Images are ``float32 [N, 3, 224, 224]`` (ImageNet-normalised photo views, data ``"photos"``); token ids are
 ``int64 [N, 64]`` from the MiniLM tokenizer (vocabulary 30522, data ``"sentences"``, right-padded with id 0).
-Text models take the ids only; BERT and GPT-2 derive their attention mask from them (``ids != 0``).
+Text models take the ids only; BERT and GPT-2 derive their attention mask from them (``ids != 0``). Models with
+BatchNorm get He-normal convolutions and BN statistics measured on photos (:func:`settle_batchnorm`).
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ def _regnetx_200mf() -> nn.Module:
 
 
 def _vit_tiny() -> nn.Module:
-    return _image("ViTForImageClassification", "ViTConfig", attn_implementation="sdpa", hidden_size=192, num_hidden_layers=2,
-                  num_attention_heads=3, intermediate_size=768, image_size=IMAGE_SIZE, patch_size=16)
+    return _image("ViTForImageClassification", "ViTConfig", attn_implementation="sdpa", hidden_size=192,
+                  num_hidden_layers=2, num_attention_heads=3, intermediate_size=768, image_size=IMAGE_SIZE,
+                  patch_size=16)
 
 
 def _swin_tiny() -> nn.Module:
