@@ -313,7 +313,7 @@ def report(row: dict) -> None:
         return
 
     def ms(key: str) -> str:
-        return "   -   " if row.get(key) is None else f"{row[key]:7.1f}"
+        return "   -   " if row.get(key) is None else f"{row[key]:7.4g}"
 
     top1 = "  -  " if row["top1_agreement"] is None else f"{row['top1_agreement']:.3f}"
     say(f"{row['model']:20s} heavy {row['heavy_ops']:3d} int lowbit {row['int_kernels_lowbit']:3d} "
