@@ -1,6 +1,6 @@
 """Markdown tables from ``bench/results/*.json`` (the tables in bench/RESULTS.md are pasted from this).
 
-Usage: ``.venv/bin/python bench/tables.py [calibration|ptq ...]`` (default: both full-run files).
+Usage: ``.venv/bin/python bench/tables.py [calibration|ptq|zoo ...]`` (default: both full-run files).
 """
 
 from __future__ import annotations
@@ -75,12 +75,32 @@ def recovery_table(rows: list[dict], model: str) -> str:
     return "\n".join(out)
 
 
+def zoo_table(rows: list[dict]) -> str:
+    """One line per model of ``bench/zoo.py``: integer kernels, latency FP32 / lowbit / ORT, accuracy, parity."""
+    out = ["| model | heavy ops | int kernels lowbit | int kernels ORT | b1 ms FP32 / lowbit / ORT | "
+           "b32 ms FP32 / lowbit / ORT | SQNR dB | cosine | top-1 agree | parity | float reported |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | |")
+            continue
+        b1 = " / ".join(_f(r[f"latency_ms_b1_{k}"], ".3g") for k in ("fp32", "lowbit", "ort"))
+        b32 = " / ".join(_f(r[f"latency_ms_b32_{k}"], ".4g") for k in ("fp32", "lowbit", "ort"))
+        out.append(f"| {r['model']} | {r['heavy_ops']} | {r['int_kernels_lowbit']} | {_f(r['int_kernels_ort'], 'd')} | "
+                   f"{b1} | {b32} | {_f(r['sqnr_db'], '.1f')} | {_f(r['cosine'], '.4f')} | "
+                   f"{_f(r['top1_agreement'], '.3f')} | {'ok' if r['parity_ok'] else 'FAIL'} | "
+                   f"{r['float_ops_reported']} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str]) -> None:
     names = argv or ["calibration", "ptq"]
     for name in names:
         rows = json.loads((RESULTS / f"{name}.json").read_text())
         print(f"## {name} ({rows[0]['machine']}, {rows[0]['date']}, lowbit {rows[0]['lowbit_version']})\n")
-        if name.startswith("calibration"):
+        if name.startswith("zoo"):
+            print(zoo_table(rows) + "\n")
+        elif name.startswith("calibration"):
             print(calibration_table(rows) + "\n")
         elif name.startswith("recovery"):
             for model in dict.fromkeys(r["model"] for r in rows):

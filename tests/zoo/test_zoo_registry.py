@@ -70,7 +70,7 @@ def test_load_models(digits_cache, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_import_is_cheap() -> None:
     code = (
         "import sys, lowbit.zoo\n"
-        "heavy = [m for m in ('sklearn', 'skimage', 'efficientnet_lite_pytorch', 'PIL')"
+        "heavy = [m for m in ('sklearn', 'skimage', 'efficientnet_lite_pytorch', 'PIL', 'transformers')"
         " if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

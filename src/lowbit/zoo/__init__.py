@@ -10,6 +10,14 @@ Models (:data:`MODEL_NAMES`):
   pooling (:mod:`lowbit.zoo.minilm`), default data ``"sentences"``; input: int64
   token ids ``[N, 64]``, output: unit sentence embeddings.
 
+Reference zoo (:data:`REFERENCE_ZOO`, also in :data:`MODEL_NAMES`): random-initialised models at real
+layer shapes built offline from ``transformers`` configurations or plain ``torch.nn``
+(:mod:`lowbit.zoo.archs`, :mod:`lowbit.zoo.blocks`): ``resnet18``, ``convnext-atto``, ``mobilenet-v2``,
+``mobilevit-xxs``, ``efficientnet-b0``, ``regnetx-200mf``, ``vit-tiny``, ``swin-tiny`` (images
+``[N, 3, 224, 224]``, default data ``"photos"``), ``bert-mini``, ``gpt2-small`` (token ids ``[N, 64]``,
+default data ``"sentences"``), and the blocks ``silu-hardswish-cnn``, ``unet-tiny`` (photos) and
+``lstm-tagger`` (sentences). Their weights are random: metrics compare INT8 with FP32, never with labels.
+
 Data sets (:data:`DATA_NAMES`):
 
 * ``"photos"``: augmented views of real photos bundled with scikit-image and
@@ -35,7 +43,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES = ("efficientnet-lite0", "digits-cnn", "minilm-l6")
+REFERENCE_ZOO = (
+    "resnet18", "convnext-atto", "mobilenet-v2", "mobilevit-xxs", "efficientnet-b0", "regnetx-200mf",
+    "vit-tiny", "swin-tiny", "bert-mini", "gpt2-small", "silu-hardswish-cnn", "unet-tiny", "lstm-tagger",
+)  # kept literal so that importing lowbit.zoo stays cheap; lowbit.zoo.archs.REFERENCE_ZOO must match
+MODEL_NAMES = ("efficientnet-lite0", "digits-cnn", "minilm-l6", *REFERENCE_ZOO)
 DATA_NAMES = ("photos", "digits", "sentences")
 PHOTOS_N_CALIB = 64
 PHOTOS_N_EVAL = 256
@@ -43,6 +55,7 @@ PHOTOS_N_EVAL = 256
 __all__ = [
     "DATA_NAMES",
     "MODEL_NAMES",
+    "REFERENCE_ZOO",
     "ZooData",
     "ZooModel",
     "load_data",
@@ -120,6 +133,11 @@ def load_model(name: str) -> ZooModel:
 
         example = tokenize(sentence_split(1, 1)[0], SEQ_LEN)
         return ZooModel(name, load_minilm(), example, default_data="sentences")
+    if name in REFERENCE_ZOO:
+        from lowbit.zoo.archs import ARCHS, build
+
+        model, example = build(name)
+        return ZooModel(name, model, example, default_data=ARCHS[name].data)
     raise _unknown("model", name, MODEL_NAMES)
 
 

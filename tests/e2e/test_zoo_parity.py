@@ -1,0 +1,56 @@
+"""Every reference-zoo model through the INT8 pipeline: quantize (preset int8) → export ONNX Q/DQ → parity.
+
+Parity (``lowbit.export.runtime.parity``): ONNX Runtime running the exported INT8 file and lowbit's PyTorch
+simulation agree within one output quantization step on at least 99.9% of output elements, on evaluation inputs
+the calibration never saw.
+
+The xfail marks record what fails on the code of 2026-12-04 (before the torch.export capture rewrite), with the
+measured fraction; they are not strict, so a model that starts passing shows up as XPASS: remove its mark then.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import zoo
+from lowbit.export.runtime import PARITY_FRACTION
+
+pytestmark = pytest.mark.slow
+
+N_CALIB, CALIB_BATCH, N_EVAL = 8, 4, 4
+
+_TRACE = "torch.fx capture fails: TraceError: symbolically traced variables cannot be used as inputs to control flow"
+_PROXY = "torch.fx capture fails: TypeError: int() argument must be ... not 'Proxy'"
+KNOWN_FAILURES = {
+    "vit-tiny": f"{_TRACE}; module-swap fallback leaves add (x5), cat (x1) in float; parity 98.98% within one "
+                "step (< 99.9%)",
+    "mobilenet-v2": f"{_PROXY}; module-swap fallback leaves add (x10) in float, ORT runs 1 integer kernel; "
+                    "parity 47.45% within one step",
+    "mobilevit-xxs": f"{_PROXY}; module-swap fallback leaves add (x21), cat (x3), matmul (x18) in float; "
+                     "parity 74.03% within one step",
+    "efficientnet-b0": "captured; parity 5.38% within one step: ONNX Runtime 1.32 fuses DQ -> AveragePool(kernel "
+                       "1280 > 7x7 map, ceil_mode) -> Q into a QLinearAveragePool that outputs zeros (HF's pooler "
+                       "nn.AvgPool2d(1280, ceil_mode=True)); unoptimised session agrees",
+}
+
+
+def _params():
+    for name in zoo.REFERENCE_ZOO:
+        marks = [pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=False)] if name in KNOWN_FAILURES else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_params()))
+def test_quantize_export_parity(name: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    entry = zoo.load_model(name)
+    data = zoo.load_data(entry.default_data, n_calib=N_CALIB, n_eval=N_EVAL)
+    qmodel = lowbit.quantize(entry.model, list(data.calib.split(CALIB_BATCH)), lowbit.preset("int8"),
+                             entry.example_input, show_progress=False)
+    path = lowbit.export_onnx(qmodel, entry.example_input, tmp_path / "model_int8.onnx", check_parity=False)
+    result = lowbit.check_onnx_parity(qmodel, path, data.eval_inputs)
+    assert result.ok, (f"{name}: {100 * result.fraction_within_step:.2f}% of {result.elements} output elements "
+                       f"within one step {result.step:.3g} (need {100 * PARITY_FRACTION:.1f}%), "
+                       f"max |diff| {result.max_abs_diff:.3g}")
