@@ -95,6 +95,11 @@ def _causal_fill(scores: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~keep, float("-inf"))
 
 
+def _add_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scores + mask`` for an additive attention mask (kept out of quantization: its values reach -3e38)."""
+    return scores + mask
+
+
 def _sdpa_args(node: fx.Node) -> dict | None:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     args = dict(zip(names, node.args))
@@ -132,8 +137,8 @@ def decompose_attention(gm: fx.GraphModule) -> int:
                 if is_bool:
                     scores = g.call_function(torch.masked_fill, (scores, g.call_function(torch.logical_not, (mask,)),
                                                                  float("-inf")))
-                else:
-                    scores = g.call_function(torch.add, (scores, mask))
+                else:  # an additive mask (0 / large negative): float, never an integer Add site
+                    scores = g.call_function(_add_mask, (scores, mask))
             if args.get("is_causal"):
                 scores = g.call_function(_causal_fill, (scores,))
             probs = g.call_function(torch.softmax, (scores, -1))
@@ -164,4 +169,26 @@ def explicit_same_padding(gm: fx.GraphModule) -> int:
             continue
         mod.padding = tuple(t // 2 for t in total)
         changed += 1
+    return changed
+
+
+def global_pools_for_whole_map_windows(gm: fx.GraphModule) -> int:
+    """An ``nn.AvgPool2d`` whose window covers its whole (captured) input map with one output — e.g. a
+    ``kernel 1280, ceil_mode=True`` pooler on a 7x7 map — computes the mean of the map: it becomes
+    ``nn.AdaptiveAvgPool2d(1)`` (GlobalAveragePool). ONNX Runtime 1.32 fuses the original ``DQ → AveragePool →
+    Q`` into a QLinearAveragePool that returns zeros when the kernel exceeds the map. Returns the count."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.AvgPool2d:
+            continue
+        mod = gm.get_submodule(node.target)
+        val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+        if val is None or val.dim() != 4 or mod.padding not in (0, (0, 0)) or mod.divisor_override is not None:
+            continue
+        kernel = mod.kernel_size if isinstance(mod.kernel_size, tuple) else (mod.kernel_size,) * 2
+        spatial = [int(d) for d in val.shape[2:]]
+        fits = all(k >= d for k, d in zip(kernel, spatial)) and (mod.ceil_mode or list(kernel) == spatial)
+        if fits and any(k > d for k, d in zip(kernel, spatial)):
+            gm.add_submodule(str(node.target), nn.AdaptiveAvgPool2d(1))
+            changed += 1
     return changed

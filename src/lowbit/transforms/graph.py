@@ -326,6 +326,8 @@ def _insert_requants(gm: fx.GraphModule, holder: nn.ModuleDict, placed: dict, re
 def _act_quantizer(gm: fx.GraphModule, node: fx.Node) -> TensorQuantizer | None:
     if node.op == "call_module" and str(node.target).startswith("lowbit_act."):
         mod = gm.get_submodule(node.target)
+        if isinstance(mod, Requantize):
+            return mod.source  # the same codes, re-applied after a reshape
         return mod if isinstance(mod, TensorQuantizer) else None
     return None
 

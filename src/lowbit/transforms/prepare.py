@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 from lowbit.core import PerChannel, QuantSpec
 from lowbit.nn import QUANT_MODULES, QuantLayerMixin, QuantState, TensorQuantizer, from_float
 from lowbit.transforms.capture import capture_model
-from lowbit.transforms.engine_ops import decompose_attention, decompose_silu, explicit_same_padding
+from lowbit.transforms.engine_ops import (decompose_attention, decompose_silu, explicit_same_padding,
+                                          global_pools_for_whole_map_windows)
 from lowbit.transforms.bn_fold import fold_bn_graph, fold_bn_sequential
 from lowbit.transforms.graph import find_sites, insert_activation_quantizers, link_engine_kernels
 from lowbit.transforms.recipe import Recipe
@@ -68,6 +69,7 @@ def insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
     BatchNorm is not touched: PTQ folds it first, QAT simulates the fold)."""
     info = PrepareInfo(recipe=recipe, traced=True)
     explicit_same_padding(gm)
+    global_pools_for_whole_map_windows(gm)
     if recipe.target == "onnxruntime":
         decompose_silu(gm)  # x · sigmoid(x): QLinearSigmoid + QLinearMul instead of a float SiLU
         decompose_attention(gm)  # q kᵀ and p v as QLinearMatMul
