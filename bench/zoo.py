@@ -122,7 +122,9 @@ def run_lowbit(zm, calib: list, tmp: Path) -> tuple[object, Path, Path, float]:
     import lowbit
 
     t0 = time.perf_counter()
-    qmodel = lowbit.quantize(zm.model, calib, lowbit.preset("int8"), zm.example_input, show_progress=False)
+    # recurrent layers have no static INT8 kernel in ONNX Runtime: kept float by rule (listed in float_layers)
+    recipe = lowbit.preset("int8").keep_float("type:LSTM", "type:GRU")
+    qmodel = lowbit.quantize(zm.model, calib, recipe, zm.example_input, show_progress=False)
     seconds = time.perf_counter() - t0
     fp32 = lowbit.export_onnx(qmodel, zm.example_input, tmp / "model_fp32.onnx", float_model=True)
     int8 = lowbit.export_onnx(qmodel, zm.example_input, tmp / "model_int8.onnx", check_parity=False)

@@ -132,8 +132,52 @@ def find_sites(gm: fx.GraphModule, recipe: Recipe) -> GraphPlan:
         if weight is None and inp is None:
             plan.float_layers.append((name, "kept in float by a recipe rule"))
             continue
+        if not all(_is_float_tensor(a) for a in inputs):
+            continue  # index arithmetic on integer tensors (shapes, positions): nothing to quantize
         plan.sites.append(Site(name, kind, node, inputs, weight, inp))
+    if recipe.target == "onnxruntime":
+        _drop_dead_end_sites(gm, plan)
     return plan
+
+
+def _is_float_tensor(node: fx.Node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val is None or not isinstance(val, torch.Tensor) or val.is_floating_point()
+
+
+HEAVY_KINDS = ("Conv1d", "Conv2d", "ConvTranspose2d", "Linear", "matmul", "pool")
+DATA_OPS = ("transpose", "permute", "view", "reshape", "flatten", "contiguous", "clone", "dropout", "pad", "unsqueeze",
+            "squeeze", "expand")
+
+
+def _next_ops(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The ops that read ``node``, looking through ReLU-like and data-movement ops."""
+    found, todo = [], list(node.users)
+    while todo:
+        user = todo.pop()
+        name = str(getattr(user.target, "__name__", user.target)).lower()
+        if user.op == "call_module":
+            mod = gm.get_submodule(user.target)
+            moves = isinstance(mod, PASS_MODULES) or producer_bounds(gm, user) is not None
+        else:
+            moves = user.op in ("call_function", "call_method") and (
+                producer_bounds(gm, user) is not None or any(name.endswith(d) for d in DATA_OPS))
+        (todo.extend(user.users) if moves else found.append(user))
+    return found
+
+
+def _drop_dead_end_sites(gm: fx.GraphModule, plan: GraphPlan) -> None:
+    """Element-wise sites (add, mul, sigmoid, concat, …) stay integer only when their result reaches an integer
+    Conv / MatMul / Gemm / pool (directly or through other such sites). An Add whose sum only feeds LayerNorm —
+    a transformer's residual stream — would add a rounding step and save no float op: it stays float."""
+    useful: set[fx.Node] = set()
+    for site in reversed(plan.sites):
+        if site.kind in HEAVY_KINDS or any(n in useful for n in _next_ops(gm, site.node)):
+            useful.add(site.node)
+    for site in [s for s in plan.sites if s.node not in useful]:
+        plan.sites.remove(site)
+        plan.float_layers.append((site.name, f"{site.kind}: its result only feeds float ops, so an integer "
+                                             f"kernel would add a rounding step and save nothing; runs in float"))
 
 
 def producer_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
