@@ -208,7 +208,7 @@ def prepare_qat_(
     except Exception as exc:  # noqa: BLE001 — any tracing failure means: fall back to module swap
         log.warning("graph capture failed (%s): BatchNorm is folded before training instead of simulated",
                     type(exc).__name__)
-        prepared = prepare_(model.eval(), recipe, example_input)
+        prepared = prepare_(model.eval(), recipe, example_input, capture="fx")  # QAT simulates BN on fx graphs only
     else:
         info = _prepare_graph(gm, recipe, config)
         gm.lowbit_info = info

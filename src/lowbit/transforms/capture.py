@@ -260,8 +260,11 @@ def capture_model(model: nn.Module, example_input: torch.Tensor | None, how: str
             raise ValueError("capture 'export' needs an example input")
         return export_capture(model, example_input)
     reasons = []
+    if how == "auto" and any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        how = "fx"  # torch.fx keeps LSTM / GRU as one named module call; torch.export inlines them
+        reasons.append("recurrent layers: torch.fx keeps them whole")
     if how == "fx":
-        reasons.append("torch.fx requested")
+        reasons = reasons or ["torch.fx requested"]
     elif example_input is None:
         reasons.append("torch.export needs an example input")
     else:

@@ -285,17 +285,25 @@ def _output_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands
     each one (after the ReLU/ReLU6 it folds), whatever reads it. Linear and matmul fuse without one."""
     if recipe.target != "onnxruntime":
         return
+    site_nodes = {site.node for site in plan.sites}
     for site in plan.sites:
         if site.input is None or (site.kind == "pool" and not site.inputs):
             continue
         out = output_point(site.node, lambda n: producer_bounds(gm, n) is not None or _is_batchnorm(gm, n))
-        users = list(out.users)
+        # a Conv/Linear kept float by a rule reads the float tensor: behind a DQ, ONNX Runtime would quantize its
+        # float weight itself (WeightBiasQuantization) and run it in INT8 against the recipe
+        users = [u for u in out.users if not _float_layer_call(gm, u, site_nodes)]
         if not users or site.kind in FLOAT_OUTPUT_OK:
             continue
         spec = _activation_spec(site.input, producer_bounds(gm, out), recipe)
         known = demands.setdefault((out, spec), [])
         rewired = {user for _, user, _ in known}
         known.extend((None, user, out) for user in users if user not in rewired)
+
+
+def _float_layer_call(gm: fx.GraphModule, node: fx.Node, site_nodes: set) -> bool:
+    """A call of a Conv / Linear that is not quantized (kept float by a recipe rule)."""
+    return node.op == "call_module" and node not in site_nodes and type(gm.get_submodule(node.target)) in QUANT_MODULES
 
 
 def _is_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
