@@ -90,13 +90,7 @@ def _lift_layers(gm: fx.GraphModule, model: nn.Module) -> int:
             isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias")
         if not bias_ok or not _same_call(node, mod):
             continue
-        if not _has_module(gm, path, mod):
-            gm.add_submodule(path, mod)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (node.args[0],))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace_with_module_call(gm, node, path, mod, node.args[0])
         lifted += 1
     gm.graph.eliminate_dead_code()
     return lifted
@@ -134,15 +128,20 @@ def _lift_leaf_modules(gm: fx.GraphModule, model: nn.Module) -> int:
         node = real[0]
         if not isinstance(node.args[0], fx.Node) or any(isinstance(a, fx.Node) for a in node.args[1:]):
             continue
-        if not _has_module(gm, path, mod):
-            gm.add_submodule(path, mod)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (node.args[0],))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace_with_module_call(gm, node, path, mod, node.args[0])
         lifted += 1
     return lifted
+
+
+def _replace_with_module_call(gm: fx.GraphModule, node: fx.Node, path: str, mod: nn.Module, x: fx.Node) -> None:
+    """Install ``mod`` at ``path`` (unless it is there) and let ``mod(x)`` stand where ``node`` stood."""
+    if not _has_module(gm, path, mod):
+        gm.add_submodule(path, mod)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(path, (x,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 def _as_base(mod: nn.Module, base: type) -> nn.Module:
@@ -173,12 +172,7 @@ def _lift_addmm(gm: fx.GraphModule) -> int:
         with torch.no_grad():
             layer.weight = nn.Parameter(w.detach().t().contiguous())
             layer.bias = nn.Parameter(b.detach().clone())
-        gm.add_submodule(path, layer)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (x,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace_with_module_call(gm, node, path, layer, x)
         lifted += 1
     return lifted
 

@@ -22,7 +22,8 @@ from lowbit.transforms.capture import capture_model
 from lowbit.transforms.engine_ops import (decompose_attention, decompose_silu, explicit_same_padding,
                                           global_pools_for_whole_map_windows)
 from lowbit.transforms.bn_fold import fold_bn_graph, fold_bn_sequential
-from lowbit.transforms.graph import find_sites, insert_activation_quantizers, link_engine_kernels
+from lowbit.transforms.graph import find_sites, link_engine_kernels
+from lowbit.transforms.placement import insert_activation_quantizers
 from lowbit.transforms.recipe import Recipe
 
 log = logging.getLogger(__name__)
