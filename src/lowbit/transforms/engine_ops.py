@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-# Element-wise ops with integer kernels on ONNX Runtime: kind → how many tensor inputs they quantize.
+# Element-wise ops with integer kernels on ONNX Runtime (QLinearSigmoid, QLinearLeakyRelu, QLinearMul): call → kind.
 ORT_ELEMENTWISE_FUNCTIONS = {
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu",
     torch.mul: "mul", operator.mul: "mul",
@@ -55,7 +55,7 @@ def _is_silu(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def decompose_silu(gm: fx.GraphModule) -> int:
-    """Rewrite every SiLU as ``x * sigmoid(x)`` (the same function: PyTorch's SiLU is defined so) so that an
+    """Rewrite every SiLU as ``x * sigmoid(x)`` (the same function, up to last-ulp rounding) so that an
     integer engine can run it as QLinearSigmoid + QLinearMul. Returns the number rewritten."""
     count = 0
     for node in list(gm.graph.nodes):
