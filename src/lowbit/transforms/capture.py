@@ -8,13 +8,15 @@ that the rest of lowbit (BN folding, Q/DQ placement, the TorchScript ONNX export
 1. ATen overloads become the ``torch`` functions of the same name (``aten.add.Tensor`` → ``torch.add``,
    ``aten.view`` → ``Tensor.view``), in-place ops their out-of-place twins, and ``sym_size`` a ``Tensor.size``
    call, so the graph re-traces with a dynamic batch axis;
-2. every ``conv*`` / ``linear`` call whose weight is the parameter of a matching ``nn.Conv*`` / ``nn.Linear``
-   of the original model becomes a call of that module again (same qualified name, so recipe rules match);
+2. calls that are one module's work become calls of that module again, under its qualified name, so recipe
+   rules and quantized twins apply (``transforms.lift``: conv / linear on a layer's own parameters, inlined
+   pools and activations, ``addmm`` projections);
 3. the captured graph is run on the example input and compared with the model; a mismatch is a failure
    of the capture, not something to quantize.
 
-Data-dependent control flow is specialised to the example input: ``torch.export`` keeps the branch taken
-and records a guard; lowbit logs that the graph was specialised and names the guards.
+Data-dependent control flow (``if x.sum() > 0:``) is specialised to the example input with
+``torch.export.draft_export``, which takes the branch the example takes; the capture line names the source line
+of each specialised branch (the exported ONNX, a trace, holds that branch only as well).
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ from torch import nn
 from lowbit.transforms.lift import _attr, _size, lift_modules
 
 log = logging.getLogger(__name__)
-
-CAPTURE_PATHS = ("torch.export", "torch.fx", "module swap")
 
 
 @dataclass
