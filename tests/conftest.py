@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# The same examples on every run: a property test that passes in review passes in CI (a random draw once found a
+# 6e-8 MILP tolerance case in a full run). Explore with HYPOTHESIS_PROFILE=explore.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SEEDED_DIRS = {"nn", "transforms", "export", "ptq", "cli", "report", "analysis"}
 
