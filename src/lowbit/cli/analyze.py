@@ -46,6 +46,7 @@ from lowbit.ptq.quantize import quantize
 from lowbit.report.engine_html import engine_section
 from lowbit.report.html import as_float, render_analysis_html
 from lowbit.transforms.recipe import PRESETS, load_recipe
+from lowbit.zoo import DATA_NAMES, MODEL_NAMES
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -54,8 +55,8 @@ N_WORST = 5
 
 def add_analyze_args(p: argparse.ArgumentParser) -> None:
     """The ``analyze`` subcommand's options."""
-    p.add_argument("--model", required=True, help="zoo name (efficientnet-lite0, digits-cnn) or package.module:callable")
-    p.add_argument("--data", required=True, help="zoo data (photos, digits), an image folder, or a .npy/.pt file")
+    p.add_argument("--model", required=True, help=f"zoo name ({', '.join(MODEL_NAMES)}) or package.module:callable")
+    p.add_argument("--data", required=True, help=f"zoo data ({', '.join(DATA_NAMES)}), an image folder, or a .npy/.pt file")
     p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
     p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")
     p.add_argument("--out", required=True, type=Path, help="output folder (analysis.json, analysis.html)")

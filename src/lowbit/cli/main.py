@@ -38,6 +38,7 @@ from lowbit.pipeline import OutputExistsError, quantize_to_dir
 from lowbit.report.evaluate import EvalSet
 from lowbit.report.render import summary_rows
 from lowbit.transforms.recipe import PRESETS, load_recipe
+from lowbit.zoo import DATA_NAMES, MODEL_NAMES
 
 log = logging.getLogger("lowbit")
 MAX_MESSAGE = 500  # characters of an error line: a message never floods the terminal with a user value
@@ -46,8 +47,8 @@ console = Console(stderr=False)
 
 def _add_quantize_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     if not demo:
-        p.add_argument("--model", required=True, help="zoo name (efficientnet-lite0, digits-cnn) or package.module:callable")
-        p.add_argument("--data", required=True, help="zoo data (photos, digits), an image folder, or a .npy/.pt file")
+        p.add_argument("--model", required=True, help=f"zoo name ({', '.join(MODEL_NAMES)}) or package.module:callable")
+        p.add_argument("--data", required=True, help=f"zoo data ({', '.join(DATA_NAMES)}), an image folder, or a .npy/.pt file")
         p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
         p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")
         p.add_argument("--out", required=True, type=Path, help="output folder")

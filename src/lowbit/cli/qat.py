@@ -44,6 +44,7 @@ from lowbit.ptq.distributed import rank_and_world
 from lowbit.report.evaluate import EvalSet, evaluate_pair, torch_predict
 from lowbit.report.render import to_json, to_markdown
 from lowbit.transforms.recipe import PRESETS, load_recipe
+from lowbit.zoo import DATA_NAMES, MODEL_NAMES
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -53,8 +54,8 @@ PHOTOS_TRAIN_SEED = 1
 
 def add_qat_args(p: argparse.ArgumentParser) -> None:
     """The ``qat`` subcommand's options."""
-    p.add_argument("--model", required=True, help="zoo name (efficientnet-lite0, digits-cnn) or package.module:callable")
-    p.add_argument("--data", required=True, help="zoo data (photos, digits), an image folder, or a .npy/.pt file")
+    p.add_argument("--model", required=True, help=f"zoo name ({', '.join(MODEL_NAMES)}) or package.module:callable")
+    p.add_argument("--data", required=True, help=f"zoo data ({', '.join(DATA_NAMES)}), an image folder, or a .npy/.pt file")
     p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
     p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
