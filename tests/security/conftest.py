@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit import preset
-from lowbit.pipeline import quantize_to_dir
-from lowbit.report.evaluate import EvalSet
-from lowbit.zoo import load_data, load_model
+from lowbit.zoo import load_data
+
+from tests.serve.helpers import quantize_digits_dir
 
 TOKEN = "security-test-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -32,10 +31,4 @@ def digits_data():
 @pytest.fixture(scope="session")
 def guarded_dir(tmp_path_factory) -> Path:
     """A ``lowbit quantize --model digits-cnn --data digits`` folder; its trusted rows are the 449 test rows."""
-    zm, zd = load_model("digits-cnn"), load_data("digits")
-    out = tmp_path_factory.mktemp("security") / "digits"
-    labels = {"model": "digits-cnn", "data": "digits", "recipe": "int8", "calibrator": "percentile"}
-    quantize_to_dir(zm.model, zm.example_input, zd.calib, preset("int8"), out,
-                    EvalSet(zd.eval_inputs, zd.eval_labels, metric_name="accuracy"), labels=labels,
-                    threads=1, repeats=1, show_progress=False)
-    return out
+    return quantize_digits_dir(tmp_path_factory.mktemp("security"))

@@ -83,7 +83,7 @@ def test_sigterm_is_handled_like_sigint(tmp_path, sig):
     time.sleep(1.0)  # mid-run, not in the instant the staging folder appears (a full-suite run once saw -2 there)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig and "nothing was written" in err
+    assert proc.returncode == 128 + sig and "nothing was written" in err, (proc.returncode, err[-3000:])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit import preset
-from lowbit.pipeline import quantize_to_dir
-from lowbit.report.evaluate import EvalSet
-from lowbit.zoo import load_data, load_model
+from lowbit.zoo import load_data
+
+from .helpers import quantize_digits_dir
 
 
 @pytest.fixture(autouse=True)
@@ -22,13 +21,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """A ``lowbit quantize --model digits-cnn --data digits`` folder (made once per session)."""
-    zm, zd = load_model("digits-cnn"), load_data("digits")
-    out = tmp_path_factory.mktemp("serve") / "digits"
-    labels = {"model": "digits-cnn", "data": "digits", "recipe": "int8", "calibrator": "percentile"}
-    quantize_to_dir(zm.model, zm.example_input, zd.calib, preset("int8"), out,
-                    EvalSet(zd.eval_inputs[:64], zd.eval_labels[:64], metric_name="accuracy"), labels=labels,
-                    threads=1, repeats=1, show_progress=False)
-    return out
+    return quantize_digits_dir(tmp_path_factory.mktemp("serve"), n_eval=64)
 
 
 @pytest.fixture(scope="session")

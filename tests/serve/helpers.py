@@ -115,3 +115,20 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def quantize_digits_dir(parent: Path, n_eval: int | None = None) -> Path:
+    """``lowbit quantize --model digits-cnn --data digits`` into ``parent/digits``; its evaluation (and trusted)
+    rows are the first ``n_eval`` test rows (all 449 with None)."""
+    from lowbit import preset
+    from lowbit.pipeline import quantize_to_dir
+    from lowbit.report.evaluate import EvalSet
+    from lowbit.zoo import load_data, load_model
+
+    zm, zd = load_model("digits-cnn"), load_data("digits")
+    labels = {"model": "digits-cnn", "data": "digits", "recipe": "int8", "calibrator": "percentile"}
+    rows = slice(None, n_eval)
+    quantize_to_dir(zm.model, zm.example_input, zd.calib, preset("int8"), parent / "digits",
+                    EvalSet(zd.eval_inputs[rows], zd.eval_labels[rows], metric_name="accuracy"), labels=labels,
+                    threads=1, repeats=1, show_progress=False)
+    return parent / "digits"
