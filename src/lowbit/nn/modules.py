@@ -68,9 +68,7 @@ class QuantLayerMixin:
     def _engine_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Bit-exact emulation of the engine's integer kernel + requantization (see ``nn.engine``)."""
         q_in, q_out, wq = self.effective_input_quantizer(), self.__dict__["_engine_output"], self.weight_quantizer
-        a = codes_of(x, q_in.scale)
-        w_scale, w_zp = wq.expanded(self.weight.shape)
-        w = (wq.quantize_codes(self.weight) - w_zp).float()
+        a, w = self._integer_operands(x)
         grid = self.bias_qparams()
         b = None
         if grid is not None:
@@ -80,6 +78,12 @@ class QuantLayerMixin:
         z = int(q_out.zero_point)
         q = requantize(acc, q_in.scale, wq.scale, q_out.scale, z, q_out.spec.qmin, q_out.spec.qmax, self._channel_dim)
         return ((q - z) * q_out.scale.reshape(())).float()
+
+    def _integer_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q_x - z_x, q_w - z_w)`` as float tensors of exact integers, for an already fake-quantized input."""
+        wq = self.weight_quantizer
+        _, w_zp = wq.expanded(self.weight.shape)
+        return codes_of(x, self.effective_input_quantizer().scale), (wq.quantize_codes(self.weight) - w_zp).float()
 
     _channel_dim = 1
 
@@ -269,9 +273,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         """ONNX Runtime's ``MatMulIntegerToFloat`` + float bias ``Add`` + ``QuantizeLinear``, bit for bit:
         ``y = fl32(acc) · fl32(s_x · s_w) + fl32(q_b · s_b)``, then the output quantizer (see ``nn.engine``)."""
         q_in, wq = self.effective_input_quantizer(), self.weight_quantizer
-        a = codes_of(x, q_in.scale)
-        w_scale, w_zp = wq.expanded(self.weight.shape)
-        w = (wq.quantize_codes(self.weight) - w_zp).float()
+        a, w = self._integer_operands(x)
         dtype = exact_dtype(a, w, None, tuple(range(1, w.ndim)))
         acc = F.linear(a.to(dtype), w.to(dtype)).float()
         y = acc * (q_in.scale.float().reshape(()) * wq.scale.float().reshape(-1))
@@ -284,8 +286,8 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return q_out(y) if q_out is not None else self.output_quantizer(y)
 
     def forward(self, x):
-        # 2-D input exports as Gemm (QGemm: integer requantization, emulated exactly); higher ranks export as
-        # MatMul + Add, which ONNX Runtime runs as MatMulIntegerToFloat + float Add + Q: the float form is exact.
+        # 2-D input exports as Gemm (QGemm: integer requantization); higher ranks export as MatMul + Add, which
+        # ONNX Runtime runs as MatMulIntegerToFloat + float Add (+ Q): both emulated bit for bit.
         if x.dim() > 2 and self._integer_inputs_ready():
             return self._matmul_to_float_forward(x)
         if self._engine_ready():

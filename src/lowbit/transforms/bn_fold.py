@@ -19,6 +19,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.transforms.lift import _attr
+
 log = logging.getLogger(__name__)
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
@@ -108,10 +110,7 @@ def _value(gm: fx.GraphModule, arg):
     if isinstance(arg, fx.Node):
         if arg.op != "get_attr":
             raise ValueError("not a constant")
-        obj = gm
-        for part in str(arg.target).split("."):
-            obj = getattr(obj, part)
-        return obj.detach()
+        return _attr(gm, str(arg.target)).detach()
     return arg
 
 
