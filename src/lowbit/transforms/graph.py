@@ -204,17 +204,16 @@ def producer_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return None
 
 
-def _is_pass_through(gm: fx.GraphModule, node: fx.Node, zero_is_code_zero: bool) -> bool:
+def _is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that commute with an affine quantizer: data movement, and zero padding (real 0 is the code ``z`` in
+    every affine spec, so the padded positions hold the same code either way; engines pad a fused conv with the zero-point)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.ZeroPad2d) and not zero_is_code_zero:
-            return False  # engines pad fused convs with code 0, which is real 0 only when z = 0
-        return isinstance(mod, PASS_MODULES)
+        return isinstance(gm.get_submodule(node.target), PASS_MODULES)
     if node.op == "call_function":
         if node.target is F.pad:
-            return zero_is_code_zero and _is_zero_pad(node)
+            return _is_zero_pad(node)
         return node.target in PASS_FUNCTIONS
     return node.op == "call_method" and node.target in PASS_METHODS
 
@@ -226,20 +225,17 @@ def _is_zero_pad(node: fx.Node) -> bool:
     return mode == "constant" and value in (None, 0, 0.0)
 
 
-def quantization_point(
-    gm: fx.GraphModule, arg: fx.Node, consumer: fx.Node, spec: QuantSpec
-) -> tuple[fx.Node, fx.Node]:
+def quantization_point(gm: fx.GraphModule, arg: fx.Node, consumer: fx.Node) -> tuple[fx.Node, fx.Node]:
     """Where a quantizer for ``arg`` (as consumed by ``consumer``) goes: ``(source tensor, node to rewire)``.
 
     Walks up through pass-through ops; the quantizer is placed on the source tensor and the first op of
-    the chain (or the consumer itself) reads the quantized tensor. Zero padding is crossed only when the
-    zero-point is known to be 0 (symmetric spec, or a non-negative producer with an unsigned spec).
+    the chain (or the consumer itself) reads the quantized tensor. Zero padding is crossed too: a quantizer
+    of its own after the pad would round the producer's codes a second time (ONNX Runtime merges the two Q/DQ
+    pairs and rounds once, so the simulation would not match it).
     """
     user = consumer
     while True:
-        bounds = producer_bounds(gm, arg.args[0]) if arg.args and isinstance(arg.args[0], fx.Node) else None
-        nonneg = bounds is not None and bounds[0] is not None and bounds[0] >= 0
-        if not _is_pass_through(gm, arg, spec.symmetric or nonneg):
+        if not _is_pass_through(gm, arg):
             return arg, user
         user, arg = arg, arg.args[0]
 

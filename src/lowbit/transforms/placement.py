@@ -28,7 +28,7 @@ def _input_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands:
         if site.input is None:
             continue
         for arg in site.inputs:
-            src, user = quantization_point(gm, arg, site.node, site.input)
+            src, user = quantization_point(gm, arg, site.node)
             spec = _activation_spec(site.input, producer_bounds(gm, src), recipe)
             demands.setdefault((src, spec), []).append((site, user, arg))
             if recipe.target == "onnxruntime" and src is not arg and _moves_data(gm, arg, src):
