@@ -95,7 +95,9 @@ def print_report(report: dict, out_dir: Path) -> None:
         table.add_row(*row)
     par = report["parity"]
     table.add_row("parity sim vs engine", "", f"{'OK' if report['parity_ok'] else 'FAILED'} "
-                  f"({par['fraction_within_step'] * 100:.2f}% within one output step)")
+                  f"({par['fraction_within_step'] * 100:.2f}% within one output step"
+                  + (f"; tensor by tensor {par['segment']['min_fraction_equal'] * 100:.3f}%+ identical codes"
+                     if par.get("segment") else "") + ")")
     table.add_row("layers left in float", "", str(len(report["float_layers"])))
     console.print(table)
     console.print(f"wrote {out_dir}/ (model_fp32.onnx, model_int8.onnx, recipe.yaml, report.json, report.md, "

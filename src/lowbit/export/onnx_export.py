@@ -24,7 +24,8 @@ from torch import nn
 
 from lowbit.export.lowbit_onnx import INT8_OPSET, TORCH_MAX_OPSET, finalize_lowbit, resolve_opset
 from lowbit.export.optimize import clean_onnx
-from lowbit.export.runtime import ParityResult, make_session, parity, run_session
+from lowbit.export.runtime import ParityResult, make_session, run_session
+from lowbit.export.segment_parity import parity_with_segments
 from lowbit.nn import QuantLayerMixin, TensorQuantizer, quantizers_disabled  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,9 @@ def export_onnx(
 
 
 def check_onnx_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor, threads: int = 2) -> ParityResult:
-    """Run ``inputs`` through the exported file on ONNX Runtime and through ``model``; compare (see ``parity``)."""
+    """Run ``inputs`` through the exported file on ONNX Runtime and through ``model``; compare within one output
+    step, and tensor by tensor when that fails (``export.segment_parity.parity_with_segments``)."""
     engine = run_session(make_session(path, threads), inputs)
     with torch.no_grad():
         sim = model(inputs)
-    return parity(sim, engine)
+    return parity_with_segments(model, path, inputs, sim, engine, threads)

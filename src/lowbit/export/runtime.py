@@ -97,6 +97,7 @@ class ParityResult:
     max_abs_diff: float
     step: float
     elements: int
+    segment: dict | None = None  # tensor-by-tensor result (``export.segment_parity``) when it was needed
 
     def to_dict(self) -> dict:
         return asdict(self)

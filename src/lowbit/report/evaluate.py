@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from lowbit.analysis import metrics
-from lowbit.export.runtime import latency_ms, make_session, parity, run_session
+from lowbit.export.runtime import latency_ms, make_session, run_session
+from lowbit.export.segment_parity import parity_with_segments
 from lowbit.report.engine_ops import engine_accounting, slowdown
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def evaluate_pair(
         "threads": threads,
     }
     fig["metric_int8_simulated"] = _metric(ev, sim_pred, ref, sim)
-    par = parity(sim, out)
+    par = parity_with_segments(sim_model, int8_path, ev.inputs, sim, out, threads)
     fig["parity_ok"] = par.ok
     fig["parity"] = par.to_dict()
     fig.update(engine_accounting(int8_path, threads))

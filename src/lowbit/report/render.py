@@ -83,6 +83,7 @@ def to_markdown(r: dict) -> str:
         f"{par.get('elements', 0):,} output elements agree within one output step ({par.get('step', 0):.4g}); "
         f"max difference {par.get('max_abs_diff', 0):.4g}. Simulated INT8 metric: {r.get('metric_int8_simulated', float('nan')):.4f}.",
         "",
+        *segment_lines(par.get("segment")),
         *(["This model targets TensorRT; every figure here, parity included, is measured on ONNX Runtime's CPU "
            "kernels (which saturate 8-bit weights on CPUs without VNNI), not on TensorRT.", ""]
           if r.get("target") == "tensorrt" else []),
@@ -96,6 +97,21 @@ def to_markdown(r: dict) -> str:
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"
+
+
+def segment_lines(seg: dict | None) -> list[str]:
+    """The tensor-by-tensor parity paragraph (``export.segment_parity``), when that check ran."""
+    if not seg:
+        return []
+    worst = f"; least agreeing tensor `{seg['worst']}`" if seg["worst"] else ""
+    missing = f"; quantizers missing from the file: {', '.join(seg['missing'])}" if seg["missing"] else ""
+    return [f"Tensor by tensor (each quantized tensor computed from the engine's own input codes): "
+            f"{'OK' if seg['ok'] else 'FAILED'} on {seg['tensors']} tensors, at least "
+            f"{seg['min_fraction_equal'] * 100:.4f}% identical codes, at most {seg['max_code_diff']} code(s) apart"
+            f"{worst}{missing}; final output {seg['output_fraction_within_step'] * 100:.3f}% within one step. "
+            "Where this passes and the output-level check does not, float ops between quantizers (LayerNorm, "
+            "GELU, Softmax…) round differently in the last ulp in PyTorch and ONNX Runtime, and the few "
+            "flipped codes spread through the depth.", ""]
 
 
 def _counts(ops: dict) -> str:
