@@ -13,7 +13,7 @@ from torch import nn
 import lowbit
 from lowbit.nn import Requantize, TensorQuantizer
 from lowbit.transforms.capture import export_capture
-from lowbit.transforms.engine_ops import (decompose_attention, decompose_silu, explicit_same_padding,
+from lowbit.transforms.engine_ops import (decompose_attention, decompose_gated, explicit_same_padding,
                                           global_pools_for_whole_map_windows)
 
 
@@ -58,14 +58,16 @@ def test_attention_decomposition_is_the_same_function(causal, mask):
         torch.testing.assert_close(gm(x), _naive_attention(q, k, v, m, causal), rtol=1e-5, atol=1e-6)
 
 
-def test_silu_becomes_sigmoid_times_x():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 1)).eval()
+@pytest.mark.parametrize("act,gate", [(nn.SiLU, torch.sigmoid), (nn.Hardswish, F.hardsigmoid)])
+def test_gated_activations_become_gate_times_x(act, gate):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), act(), nn.Conv2d(4, 4, 1)).eval()
     gm = fx.symbolic_trace(model)
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8) * 3
     ref = gm(x)
-    assert decompose_silu(gm) == 1
-    assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.SiLU) for n in gm.graph.nodes)
-    torch.testing.assert_close(gm(x), ref, rtol=2e-6, atol=1e-7)  # same function, last-ulp rounding
+    assert decompose_gated(gm) == 1
+    assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), act) for n in gm.graph.nodes)
+    assert sum(n.target is gate for n in gm.graph.nodes) == 1 and sum(n.target is torch.mul for n in gm.graph.nodes) == 1
+    torch.testing.assert_close(gm(x), ref, rtol=2e-6, atol=1e-6)  # same function, last-ulp rounding
 
 
 def test_same_padding_made_explicit_and_whole_map_pool_made_global():

@@ -6,7 +6,7 @@ Reshape / Flatten / MaxPool on the codes when the Q/DQ around them share qparams
 for HardSigmoid, HardSwish, Tanh, GELU, LayerNormalization or Erf (measured with ONNX Runtime 1.32: a
 ``DQ → op → Q`` triple of these stays float). A heavy op therefore needs a quantizer on its *output* too,
 whatever consumes it, or the engine cannot form its integer kernel; SiLU is rewritten as ``x · sigmoid(x)``
-so that both halves run as QLinearSigmoid and QLinearMul.
+so that both halves run as QLinearSigmoid and QLinearMul, Hardswish as ``x · hardsigmoid(x)`` (QLinearMul).
 
 TensorRT fuses Q/DQ itself around any op (explicit quantization), so its placement stays at the inputs of
 Conv / MatMul / Gemm and residual adds.
@@ -46,26 +46,39 @@ def elementwise_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
-def _is_silu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target is F.silu
-    if node.op == "call_method":
-        return node.target == "silu"
-    return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.SiLU
+# x · gate(x) activations: the gate function, its call forms (function, method name, module class)
+GATED = {
+    "silu": (torch.sigmoid, (F.silu,), "silu", nn.SiLU),
+    "hardswish": (F.hardsigmoid, (F.hardswish,), "hardswish", nn.Hardswish),
+}
 
 
-def decompose_silu(gm: fx.GraphModule) -> int:
-    """Rewrite every SiLU as ``x * sigmoid(x)`` (the same function, up to last-ulp rounding) so that an
-    integer engine can run it as QLinearSigmoid + QLinearMul. Returns the number rewritten."""
+def _gated_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    for kind, (_, functions, method, module) in GATED.items():
+        if node.op == "call_function" and node.target in functions:
+            return kind
+        if node.op == "call_method" and node.target == method:
+            return kind
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is module:
+            return kind
+    return None
+
+
+def decompose_gated(gm: fx.GraphModule) -> int:
+    """Rewrite every SiLU as ``x · sigmoid(x)`` and every Hardswish as ``x · hardsigmoid(x)`` (the same functions,
+    up to last-ulp rounding), so that an integer engine runs the product as QLinearMul and the sigmoid as
+    QLinearSigmoid (ONNX Runtime has no integer HardSigmoid: it runs in float between a DQ and a Q, as in
+    ONNX Runtime's own quantized files). Returns the number rewritten."""
     count = 0
     for node in list(gm.graph.nodes):
-        if not _is_silu(gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
+        kind = _gated_kind(gm, node)
+        if kind is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         x = node.args[0]
         with gm.graph.inserting_after(node):
-            sig = gm.graph.call_function(torch.sigmoid, (x,))
-        with gm.graph.inserting_after(sig):
-            mul = gm.graph.call_function(torch.mul, (x, sig))
+            gate = gm.graph.call_function(GATED[kind][0], (x,))
+        with gm.graph.inserting_after(gate):
+            mul = gm.graph.call_function(torch.mul, (x, gate))
         mul.meta = dict(node.meta)
         node.replace_all_uses_with(mul)
         gm.graph.erase_node(node)

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from lowbit.core import PerChannel, QuantSpec
 from lowbit.nn import QUANT_MODULES, QuantLayerMixin, QuantState, TensorQuantizer, from_float
 from lowbit.transforms.capture import capture_model
-from lowbit.transforms.engine_ops import (decompose_attention, decompose_silu, explicit_same_padding,
+from lowbit.transforms.engine_ops import (decompose_attention, decompose_gated, explicit_same_padding,
                                           global_pools_for_whole_map_windows)
 from lowbit.transforms.bn_fold import fold_bn_graph, fold_bn_sequential
 from lowbit.transforms.graph import find_sites, link_engine_kernels
@@ -72,7 +72,7 @@ def insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
     explicit_same_padding(gm)
     global_pools_for_whole_map_windows(gm)
     if recipe.target == "onnxruntime":
-        decompose_silu(gm)  # x · sigmoid(x): QLinearSigmoid + QLinearMul instead of a float SiLU
+        decompose_gated(gm)  # SiLU, Hardswish as x · gate(x): QLinearMul (and QLinearSigmoid) instead of float
         decompose_attention(gm)  # q kᵀ and p v as QLinearMatMul
     plan = find_sites(gm, recipe)
     info.float_layers = plan.float_layers
