@@ -34,6 +34,7 @@ from torch import nn
 from lowbit.core import PerTensor
 from lowbit.export.runtime import PARITY_FRACTION, ParityResult, input_feed, make_session, parity
 from lowbit.nn import TensorQuantizer
+from lowbit.nn.functional import QuantHardSigmoid
 
 log = logging.getLogger(__name__)
 
@@ -102,36 +103,48 @@ def _engine_codes(path: Path, inputs: torch.Tensor, wanted: dict[str, str], thre
     return {scope: results[tensor] for scope, tensor in wanted.items()}, results[first]
 
 
-def _graph_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    """Active per-tensor activation quantizers the graph pass placed (``lowbit_act.<key>``), by key."""
-    out = {}
+def _graph_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """Active per-tensor activation quantizers the graph pass placed (``lowbit_act.<key>``), by key; a
+    ``QuantHardSigmoid`` stands for the quantizer it reads back (whose Q node carries its name)."""
+    out, inner = {}, set()
     for name, mod in model.named_modules():
         prefix, _, key = name.rpartition(".")
-        if prefix.endswith("lowbit_act") and isinstance(mod, TensorQuantizer) and mod.is_active \
-                and isinstance(mod.spec.granularity, PerTensor):
+        if not prefix.endswith("lowbit_act"):
+            continue
+        if isinstance(mod, QuantHardSigmoid) and mod.quantizer.is_active:
             out[key] = mod
-    return out
+            inner.add(id(mod.quantizer))
+        elif isinstance(mod, TensorQuantizer) and mod.is_active and isinstance(mod.spec.granularity, PerTensor):
+            out[key] = mod
+    return {k: m for k, m in out.items() if id(m) not in inner}
+
+
+def _qparams(mod: nn.Module) -> tuple[torch.Tensor, int]:
+    """The scale the module's output codes are read back with, and their zero-point."""
+    if isinstance(mod, QuantHardSigmoid):
+        return mod.read_back_scale(), int(mod.quantizer.zero_point)
+    return mod.scale.reshape(()), int(mod.zero_point)
 
 
 class _Forcing:
     """Forward hooks that record each quantizer's code differences and substitute the engine's codes."""
 
-    def __init__(self, quantizers: dict[str, TensorQuantizer], codes: dict[str, np.ndarray]) -> None:
+    def __init__(self, quantizers: dict[str, nn.Module], codes: dict[str, np.ndarray]) -> None:
         self.codes, self.stats, self.handles = codes, {}, []
         for key, q in quantizers.items():
             if key in codes:
                 self.handles.append(q.register_forward_hook(self._hook(key)))
 
     def _hook(self, key: str):
-        def hook(q: TensorQuantizer, _inputs, out: torch.Tensor):
+        def hook(mod: nn.Module, _inputs, out: torch.Tensor):
             engine = torch.from_numpy(self.codes[key].astype(np.int64))
             if key in self.stats or engine.shape != out.shape:
                 return None  # called again in the same pass, or a layout the file changed: compare once, as is
-            z = int(q.zero_point)
-            sim = torch.round(out.detach() / q.scale.reshape(())).to(torch.int64) + z
+            scale, z = _qparams(mod)
+            sim = torch.round(out.detach() / scale).to(torch.int64) + z
             diff = (sim - engine).abs()
             self.stats[key] = (float((diff == 0).double().mean()), int(diff.max()) if diff.numel() else 0)
-            return ((engine - z).to(torch.float32) * q.scale.reshape(())).to(out.dtype)
+            return ((engine - z).to(torch.float32) * scale).to(out.dtype)
         return hook
 
     def close(self) -> None:

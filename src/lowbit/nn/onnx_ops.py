@@ -130,3 +130,20 @@ class DQLowBit(torch.autograd.Function):
         out.setType(q.type().with_dtype(torch.float32))  # a known shape: Conv's exporter needs the kernel size
         return out
 
+
+
+class QDQRescaled(torch.autograd.Function):
+    """``DequantizeLinear(QuantizeLinear(x, s, z), s_out, z)``: codes read back with another (per-tensor) scale.
+
+    ``x̂ = (clamp(rne(x / s) + z, qmin, qmax) - z) · s_out``; with ``s_out = s / k`` this is ``Q/DQ(x) / k`` folded
+    into the dequantization (no float op between the two integer kernels around it).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, scale_out, qmin, qmax):  # noqa: D102
+        z = zero_point.to(torch.float32)
+        return (torch.clamp(torch.round(x / scale) + z, qmin, qmax) - z) * scale_out
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, scale_out, qmin, qmax):  # noqa: D102
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale_out, zero_point)

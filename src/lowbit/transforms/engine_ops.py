@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 # Element-wise ops with integer kernels on ONNX Runtime (QLinearSigmoid, QLinearLeakyRelu, QLinearMul): call → kind.
+# hardsigmoid has no integer kernel of its own: it runs as QLinearAdd(x, 3) into a saturating Q (nn.QuantHardSigmoid)
 ORT_ELEMENTWISE_FUNCTIONS = {
-    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu", F.hardsigmoid: "hardsigmoid",
     torch.mul: "mul", operator.mul: "mul",
 }
 ORT_ELEMENTWISE_METHODS = {"sigmoid": "sigmoid", "mul": "mul"}
-ORT_ELEMENTWISE_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.LeakyReLU, "leaky_relu"))
-ELEMENTWISE_KINDS = ("sigmoid", "leaky_relu", "mul")
+ORT_ELEMENTWISE_MODULES = ((nn.Sigmoid, "sigmoid"), (nn.LeakyReLU, "leaky_relu"), (nn.Hardsigmoid, "hardsigmoid"))
+ELEMENTWISE_KINDS = ("sigmoid", "leaky_relu", "hardsigmoid", "mul")
 # Kinds whose ONNX form fuses into an integer kernel with a float output, so they need no output Q (which would
 # only add rounding error): Linear (``QGemm`` / ``MatMulIntegerToFloat``) and matmul (``MatMulIntegerToFloat``).
 FLOAT_OUTPUT_OK = ("Linear",)

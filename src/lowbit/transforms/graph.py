@@ -24,7 +24,7 @@ from torch import nn
 
 from lowbit.core import QuantSpec
 from lowbit.nn import QUANT_MODULES, QuantLayerMixin, Requantize, TensorQuantizer, unsigned_variant
-from lowbit.nn.functional import QuantAdd
+from lowbit.nn.functional import QuantAdd, QuantHardSigmoid
 from lowbit.transforms.engine_ops import ELEMENTWISE_KINDS, elementwise_kind
 from lowbit.transforms.recipe import Recipe
 
@@ -273,7 +273,7 @@ def _fused_producer(gm: fx.GraphModule, src: fx.Node) -> fx.Node:
 def link_engine_kernels(gm: fx.GraphModule) -> int:
     """Tell layers and adds which quantizer the engine fuses onto their output, so the simulation can
     emulate the engine's integer kernels exactly (see ``lowbit.nn.engine``). Returns the links made."""
-    links = 0
+    links = integer_hardsigmoids(gm)
     for qnode in list(gm.graph.nodes):
         q_out = _act_quantizer(gm, qnode)
         if q_out is None or q_out.spec is None:
@@ -310,3 +310,41 @@ def _link_add(gm: fx.GraphModule, node: fx.Node, q_out: TensorQuantizer) -> bool
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return True
+
+
+def _is_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target is F.hardsigmoid
+    return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Hardsigmoid
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (torch.mul, operator.mul)) or \
+        (node.op == "call_method" and node.target == "mul")
+
+
+def integer_hardsigmoids(gm: fx.GraphModule) -> int:
+    """Replace each ``q_r(hardsigmoid(q_x(x)))`` read only by multiplications (Hardswish ``x · hardsigmoid(x)``,
+    squeeze-excite gates) with ``nn.QuantHardSigmoid``: QLinearAdd(x, 3) into ``q_r``, read back at ``s_r / 6``
+    (QLinearMul takes any input scale). Returns the number replaced."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not _is_hardsigmoid(gm, node) or not node.args or len(node.users) != 1:
+            continue
+        q_x, q_node = _act_quantizer(gm, node.args[0]), next(iter(node.users))
+        q_r = _act_quantizer(gm, q_node)
+        if q_x is None or q_r is None or isinstance(gm.get_submodule(q_node.target), Requantize):
+            continue
+        if not all(_is_mul(u) for u in q_node.users):
+            continue  # a Conv / Gemm reading the codes would read them at s_r, not s_r / 6: keep the float op
+        mod = QuantHardSigmoid(node.name)
+        mod.set_engine_quantizers(q_x, q_r)
+        key = _key(f"hardsigmoid_{node.name}")
+        gm.get_submodule("lowbit_act").add_module(key, mod)
+        with gm.graph.inserting_after(q_node):
+            new = gm.graph.call_module(f"lowbit_act.{key}", (node.args[0],))
+        q_node.replace_all_uses_with(new)
+        gm.graph.erase_node(q_node)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
