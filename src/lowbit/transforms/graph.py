@@ -34,15 +34,17 @@ FUNCTION_KINDS = {
     operator.add: "add", torch.add: "add", operator.iadd: "add",
     torch.cat: "cat", torch.concat: "cat",
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
-    F.adaptive_avg_pool2d: "pool", F.avg_pool2d: "pool", F.max_pool2d: "pool", torch.max_pool2d: "pool",
+    F.adaptive_avg_pool2d: "pool", F.avg_pool2d: "pool",
 }
 METHOD_KINDS = {"add": "add", "matmul": "matmul"}
-POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d, nn.MaxPool1d)
-# Ops that only move data (or pad with zeros, which is exactly representable): a quantizer on their output
-# is placed on their input instead, so the engine sees ``producer → Q → DQ → pad/flatten → consumer`` and
-# can fuse the producer (and fold the pad into the conv).
-PASS_MODULES = (nn.ZeroPad2d, nn.Dropout, nn.Identity, nn.Flatten)
-PASS_FUNCTIONS = (torch.flatten, F.dropout, torch.dropout, torch.reshape, torch.clone)
+POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d)
+# Ops that only move data (or pad with zeros, which is exactly representable; or take a maximum, which commutes
+# with a monotonic quantizer): a quantizer on their output is placed on their input instead, so the engine sees
+# ``producer → Q → DQ → pad/flatten/max pool → consumer``, fuses the producer (and folds the pad into the conv),
+# and runs a max pool on the codes when the same quantizer is re-applied after it (``nn.Requantize``).
+PASS_MODULES = (nn.ZeroPad2d, nn.Dropout, nn.Identity, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d)
+PASS_FUNCTIONS = (torch.flatten, F.dropout, torch.dropout, torch.reshape, torch.clone, F.max_pool1d, F.max_pool2d,
+                  torch.max_pool1d, torch.max_pool2d)
 PASS_METHODS = ("flatten", "view", "reshape", "contiguous")
 FLOAT_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", torch.sigmoid: "sigmoid", F.softmax: "softmax",
                    torch.softmax: "softmax", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
@@ -147,7 +149,7 @@ def _is_float_tensor(node: fx.Node) -> bool:
 
 HEAVY_KINDS = ("Conv1d", "Conv2d", "ConvTranspose2d", "Linear", "matmul", "pool")
 DATA_OPS = ("transpose", "permute", "view", "reshape", "flatten", "contiguous", "clone", "dropout", "pad", "unsqueeze",
-            "squeeze", "expand")
+            "squeeze", "expand", "max_pool1d", "max_pool2d")
 
 
 def _next_ops(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
@@ -210,11 +212,12 @@ def _is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), PASS_MODULES)
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, PASS_MODULES) and not getattr(mod, "return_indices", False)
     if node.op == "call_function":
         if node.target is F.pad:
             return _is_zero_pad(node)
-        return node.target in PASS_FUNCTIONS
+        return node.target in PASS_FUNCTIONS and not node.kwargs.get("return_indices", False)
     return node.op == "call_method" and node.target in PASS_METHODS
 
 
