@@ -21,8 +21,9 @@ fresh worker process so memory stays bounded:
 
 A model that fails gets a row with an ``error`` key (one line) and the run goes on.
 
-Usage: ``.venv/bin/python bench/zoo.py [--quick] [--models a,b]``; writes ``bench/results/zoo.json`` (a run over
-a subset of the default models writes ``bench/results/zoo_partial.json`` instead).
+Usage: ``.venv/bin/python bench/zoo.py [--quick] [--models a,b] [--threads N]``; writes ``bench/results/zoo.json``
+(a run over a subset of the default models writes ``bench/results/zoo_partial.json`` instead, a run with other
+than 2 threads ``bench/results/zoo_threads<N>.json``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import stamp, write_results  # noqa: E402
 
-THREADS = 2
+THREADS = int(os.environ.get("LOWBIT_ZOO_THREADS", "2"))  # --threads sets it for the workers
 EVAL_BATCH = 32
 EXTRA_MODELS = ("efficientnet-lite0", "digits-cnn")
 HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU")
@@ -343,6 +344,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true",
                         help="16 calibration samples (batches of 8), 32 evaluation inputs, 5 batch-1 / 2 batch-32 "
                              "repeats per round (default: 64 / 16, 128, 20 / 5)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="ONNX Runtime intra-op threads (default 2; other counts write zoo_threads<N>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=tuple(SETTINGS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -350,6 +353,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker:
         worker(args.worker, args.mode, args.out)
         return []
+    global THREADS
+    THREADS = args.threads
+    os.environ["LOWBIT_ZOO_THREADS"] = str(args.threads)  # inherited by the worker processes
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     from lowbit.zoo import MODEL_NAMES
 
@@ -377,7 +383,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out.update({k: v for k, v in row.items() if k not in KEYS}, **common)
         ordered.append(out)
     full_set = set(names) >= set(REFERENCE_ZOO + EXTRA_MODELS)
-    write_results("zoo" if full_set else "zoo_partial", ordered)  # a subset never overwrites the whole table
+    name = "zoo" if full_set else "zoo_partial"  # a subset never overwrites the whole table
+    write_results(name if THREADS == 2 else f"zoo_threads{THREADS}", ordered)
     return ordered
 
 

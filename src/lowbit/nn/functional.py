@@ -87,7 +87,7 @@ class QuantHardSigmoid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q_x, q = self.__dict__["_quantizers"]
-        if not q.is_active:  # float (calibrating: the quantizer observes relu6(x + 3)); the FP32 graph keeps HardSigmoid
+        if not q.is_active:  # float; while calibrating, q observes relu6(x + 3); the FP32 file keeps HardSigmoid
             q(torch.clamp(x + HARDSIGMOID_SHIFT, 0.0, 6.0))
             return F.hardsigmoid(x)
         if q.export_mode:

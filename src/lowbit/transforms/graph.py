@@ -207,8 +207,9 @@ def producer_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
 
 
 def _is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops that commute with an affine quantizer: data movement, and zero padding (real 0 is the code ``z`` in
-    every affine spec, so the padded positions hold the same code either way; engines pad a fused conv with the zero-point)."""
+    """Ops that commute with an affine quantizer: data movement, max pooling, and zero padding (real 0 is the
+    code ``z`` in every affine spec, so the padded positions hold the same code either way; an engine pads a
+    fused conv with the zero-point)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
@@ -233,8 +234,8 @@ def quantization_point(gm: fx.GraphModule, arg: fx.Node, consumer: fx.Node) -> t
 
     Walks up through pass-through ops; the quantizer is placed on the source tensor and the first op of
     the chain (or the consumer itself) reads the quantized tensor. Zero padding is crossed too: a quantizer
-    of its own after the pad would round the producer's codes a second time (ONNX Runtime merges the two Q/DQ
-    pairs and rounds once, so the simulation would not match it).
+    of its own after the pad would round the producer's codes a second time, which ONNX Runtime does not do
+    (EfficientNet-B0's pads after SiLU: 29.7% parity with two quantizers, 100% with one).
     """
     user = consumer
     while True:
