@@ -19,9 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lowbit.nn import engine_emulation
 from lowbit.ptq import adaround, bias_correction, cle, gptq
 from lowbit.ptq.calibrate import Data, calibrate
-from lowbit.ptq.capture import ForwardLoop, engine_emulation_off
+from lowbit.ptq.capture import ForwardLoop
 from lowbit.ptq.recurrent import check_recurrent
 from lowbit.transforms.prepare import convert_, prepare_, quant_layers
 from lowbit.transforms.recipe import Recipe
@@ -84,7 +85,7 @@ def quantize_with_passes(model: nn.Module, calib_data: Data, recipe: Recipe, exa
     convert_(prepared)
     timings["calibrate"] = time.perf_counter() - t0
     post = [n for n in names if n in POST_CALIBRATION]
-    with engine_emulation_off(prepared):
+    with engine_emulation(prepared, False):
         run_passes(prepared, post, loop, timings)
     if post:
         for name, layer in quant_layers(prepared):
