@@ -35,7 +35,7 @@ from lowbit.outdir import (  # noqa: F401 — re-exported: the CLI and older cal
     staged_output,
 )
 from lowbit.provenance import save_trusted_set, text_sha256, weights_sha256
-from lowbit.ptq.calibrate import Data
+from lowbit.data import Data
 from lowbit.ptq.passes import ordered, quantize_with_passes
 from lowbit.report.engine_ops import merge_float_layers
 from lowbit.report.evaluate import EvalSet, evaluate_pair

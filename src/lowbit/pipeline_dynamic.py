@@ -23,7 +23,7 @@ from lowbit.export.dynamic_onnx import export_dynamic_onnx
 from lowbit.export.onnx_export import export_onnx
 from lowbit.outdir import staged_output
 from lowbit.pipeline import PTQResult, __version__, machine_description
-from lowbit.ptq.calibrate import Data
+from lowbit.data import Data
 from lowbit.ptq.passes import quantize_with_passes
 from lowbit.report.embedding import evaluate_onnx_pair, to_json, to_markdown
 from lowbit.report.engine_ops import merge_float_layers

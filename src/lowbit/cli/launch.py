@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.pipeline import check_output_dir
-from lowbit.ptq.calibrate import Data
+from lowbit.data import Data
 from lowbit.ptq.distributed import env_world_size, init_from_env, rank_and_world, sharded_forward_loop
 from lowbit.ptq.quantize import quantize
 

@@ -40,7 +40,7 @@ from lowbit.pipeline import __version__, _float_layers, check_output_dir, machin
 from lowbit.qat import QATConfig, convert_, prepare_qat_
 from lowbit.qat.distill import DISTILL_LOSSES
 from lowbit.qat.train import TrainConfig, TrainState, save_checkpoint, train_qat
-from lowbit.ptq.distributed import rank_and_world
+from lowbit.data import rank_and_world
 from lowbit.report.evaluate import EvalSet, evaluate_pair, torch_predict
 from lowbit.report.render import to_json, to_markdown
 from lowbit.transforms.recipe import PRESETS, load_recipe

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.nn import QuantLayerMixin, engine_emulation
-from lowbit.ptq.calibrate import iter_batches, run_batch
+from lowbit.data import iter_batches, run_batch
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from lowbit.nn import engine_emulation
 from lowbit.ptq import adaround, bias_correction, cle, gptq
-from lowbit.ptq.calibrate import Data, calibrate
+from lowbit.data import Data
+from lowbit.ptq.calibrate import calibrate
 from lowbit.ptq.capture import ForwardLoop
 from lowbit.ptq.recurrent import check_recurrent
 from lowbit.transforms.prepare import convert_, prepare_, quant_layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.ptq.calibrate import Data
+from lowbit.data import Data
 from lowbit.ptq.passes import quantize_with_passes
 from lowbit.transforms.recipe import Recipe
 

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from lowbit.ptq.calibrate import Data, iter_batches, run_batch
+from lowbit.data import Data, iter_batches, run_batch
 from lowbit.transforms.recipe import _matches
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from lowbit.nn import QuantLayerMixin, QuantState
-from lowbit.ptq.calibrate import Data, iter_batches, run_batch
+from lowbit.data import Data, iter_batches, run_batch
 from lowbit.qat.config import QATConfig
 from lowbit.qat.layers import BN_SIMULATED, QATLayerMixin, to_qat_
 from lowbit.qat.quantizer import LearnableQuantizer

@@ -36,7 +36,7 @@ from torch import nn
 
 from lowbit.core import QuantSpec
 from lowbit.nn import QuantLayerMixin
-from lowbit.ptq.calibrate import Data, iter_batches
+from lowbit.data import Data, iter_batches
 from lowbit.search.candidates import CandidateBuilder, layer_pattern, quantized_layers
 from lowbit.search.evaluate import EvalFn, MetricFn, Runner, Scorer, one_layer_losses, torch_runner
 from lowbit.search.knapsack import solve_milp

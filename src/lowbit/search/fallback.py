@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.ptq.calibrate import Data
+from lowbit.data import Data
 from lowbit.ptq.quantize import quantize
 from lowbit.search.candidates import CandidateBuilder, layer_pattern, quantized_layers
 from lowbit.search.evaluate import EvalFn, MetricFn, Runner, Score, Scorer, Target, one_layer_losses, torch_runner
