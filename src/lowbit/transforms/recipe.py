@@ -29,7 +29,14 @@ TARGETS = ("onnxruntime", "tensorrt")
 PASSES = ("cle", "bias_correction", "adaround", "gptq")  # run in lowbit.ptq.passes' fixed order
 
 
-def _matches(pattern: str, name: str, type_name: str) -> bool:
+def pattern_matches(pattern: str, name: str, type_name: str) -> bool:
+    """Whether a rule pattern names a layer: ``type:<Class>``, ``re:<regex>`` (full match) or a glob.
+
+    >>> pattern_matches("type:Conv2d", "features.0", "Conv2d"), pattern_matches("re:fc\\d", "fc2", "Linear")
+    (True, True)
+    >>> pattern_matches("features.*", "classifier", "Linear")
+    False
+    """
     if pattern.startswith("type:"):
         return pattern[5:] == type_name
     if pattern.startswith("re:"):
@@ -100,7 +107,7 @@ class Recipe:
     def resolve(self, name: str, type_name: str) -> tuple[QuantSpec | None, QuantSpec | None]:
         """``(weight_spec, input_spec)`` for one layer: the first matching rule, else the defaults."""
         for rule in self.rules:
-            if _matches(rule.pattern, name, type_name):
+            if pattern_matches(rule.pattern, name, type_name):
                 return rule.weight, rule.input
         return self.default_weight, self.default_input
 
