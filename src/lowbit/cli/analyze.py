@@ -9,7 +9,7 @@ The analysis (calibration included) runs on the calibration samples of ``--data`
 
 ``--engine onnxruntime`` also quantizes a copy on the same samples, exports it to FP32 and INT8 ONNX in a
 temporary folder, compares every quantized activation as ONNX Runtime computes it with the FP32 export on
-the evaluation samples (:func:`lowbit.export.ort_analysis.analyze_onnx`), measures the same tensors in the
+the evaluation samples (:func:`lowbit.analysis.onnx_tensors.analyze_onnx`), measures the same tensors in the
 PyTorch simulation (:func:`lowbit.analysis.tensorwise.quantized_activation_errors`), writes
 ``DIR/analysis_onnxruntime.json``, adds an "ONNX Runtime vs simulation" section to ``analysis.html`` and
 prints the five worst tensors.
@@ -37,8 +37,8 @@ from lowbit.analysis import analyze
 from lowbit.analysis.tensorwise import match_by_qparams, quantized_activation_errors
 from lowbit.cli.sources import load_data_source, load_model_source
 from lowbit.export.onnx_export import export_onnx
-from lowbit.export.ort_analysis import (OUTPUT_CONSUMER, analyze_onnx, first_nonfinite, quantized_tensors, to_json,
-                                        worst_tensors)
+from lowbit.analysis.onnx_tensors import (OUTPUT_CONSUMER, analyze_onnx, first_nonfinite, quantized_tensors, to_json,
+                                          worst_tensors)
 from lowbit.observers import OBSERVERS
 from lowbit.outdir import staged_output
 from lowbit.pipeline import check_output_dir

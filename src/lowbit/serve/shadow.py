@@ -7,7 +7,7 @@ Output divergence of the INT8 output ``q`` from the FP32 output ``p`` (first gra
 * ``top1_mismatch``: share of rows with ``argmax p ≠ argmax q``
 
 Per-layer error, for every activation the INT8 graph quantizes (found as in
-:mod:`lowbit.export.ort_analysis`): the engine's value of that tensor is the dequantized code
+:mod:`lowbit.analysis.onnx_tensors`): the engine's value of that tensor is the dequantized code
 ``x̂ = (q - zp) · s``. The INT8 *debug* session exposes the ``QuantizeLinear`` codes ``q`` as extra outputs
 (this keeps ONNX Runtime's fused integer kernels, so its first output is bit-identical to the plain
 session's). The *reference* session is the FP32 graph with the codes as extra inputs and, per activation
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.export.ort_analysis import QuantizedTensor, quantized_tensors
+from lowbit.analysis.onnx_tensors import QuantizedTensor, quantized_tensors
 from lowbit.export.runtime import make_session
 from lowbit.serve.config import Threshold
 
