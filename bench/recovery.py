@@ -81,7 +81,7 @@ def lowbit_row(zm, calib, ev: Evaluator, tmp: Path, config: str, recipe, pass_ba
 
 
 def fallback_row(zm, calib, ev: Evaluator, config: str, recipe, budget: float) -> dict:
-    from lowbit.cli.search_args import onnxruntime_runner
+    from lowbit.search import onnxruntime_runner
     from lowbit.search import fallback
 
     t0 = time.perf_counter()

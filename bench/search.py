@@ -4,7 +4,7 @@ Rows (``bench/results/search.json``, ``search_quick.json`` with ``--quick``):
 
 1. ``fallback`` — EfficientNet-Lite0, recipe ``int8``, photos (``n_calib`` calibration / ``n_eval`` evaluation
    views that never overlap): ``lowbit.search.fallback(min_agreement=0.99)``. Candidates are exported and run on
-   ONNX Runtime (CPU EP, 2 threads: ``lowbit.cli.search_args.onnxruntime_runner``), so ``agreement`` is the
+   ONNX Runtime (CPU EP, 2 threads: ``lowbit.search.onnxruntime_runner``), so ``agreement`` is the
    deployed engine's top-1 agreement with the FP32 ONNX on the evaluation views. Keys: ``met``, ``n_float``,
    ``float_layers``, ``agreement``, ``agreement_int8`` (the plain recipe), ``seconds`` (whole search, including
    the final end-to-end verification), ``candidates`` (recipes scored), ``rank_by``, ``message``; and, since
@@ -103,7 +103,7 @@ def run_digits(cfg: dict) -> list[dict]:
 
 def run_effnet(cfg: dict, parts: set[str]) -> list[dict]:
     import lowbit
-    from lowbit.cli.search_args import onnxruntime_runner
+    from lowbit.search import onnxruntime_runner
     from lowbit.zoo import load_data, load_model
 
     zm = load_model("efficientnet-lite0")

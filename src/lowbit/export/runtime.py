@@ -56,6 +56,15 @@ def run_session(session: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(session.run(None, input_feed(session, x))[0]))
 
 
+def batched_predict(session: ort.InferenceSession, batch_size: int = 32):
+    """A ``predict(x)`` that runs an ONNX Runtime session in batches."""
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([run_session(session, chunk) for chunk in torch.split(x, batch_size)])
+
+    return predict
+
+
 def optimized_graph(path: str | Path, threads: int = 2) -> onnx.ModelProto:
     """The graph ONNX Runtime actually executes after its optimisations (CPU provider, full optimisation)."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lowbit.analysis import metrics
-from lowbit.export.runtime import latency_ms, make_session, parity, run_session
+from lowbit.export.runtime import batched_predict, latency_ms, make_session, parity
 from lowbit.report.engine_ops import engine_accounting, slowdown
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,6 @@ class EvalSet:
     eval_fn: EvalFn | None = None
     metric_name: str = "top1_agreement"
     note: str = ""
-
-
-def batched_predict(session, batch_size: int = 32) -> Predict:
-    """A ``predict(x)`` that runs an ONNX Runtime session in batches."""
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([run_session(session, chunk) for chunk in torch.split(x, batch_size)])
-
-    return predict
 
 
 def torch_predict(model: nn.Module, batch_size: int = 32) -> Predict:
