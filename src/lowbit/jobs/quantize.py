@@ -30,10 +30,11 @@ from lowbit.data import Data
 from lowbit.jobs.outputs import export_models, float_layers, run_facts, write_report
 from lowbit.outdir import staged_output
 from lowbit.provenance import save_trusted_set, text_sha256, weights_sha256
-from lowbit.ptq.passes import ordered, quantize_with_passes
+from lowbit.ptq.passes import quantize_with_passes
 from lowbit.report import embedding as embedding_report
 from lowbit.report.engine_ops import merge_float_layers
 from lowbit.report.evaluate import EvalSet, evaluate_pair
+from lowbit.transforms.pass_registry import ordered
 from lowbit.transforms.dynamic import quantize_dynamic_
 from lowbit.transforms.recipe import Recipe
 

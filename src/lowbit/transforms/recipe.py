@@ -23,10 +23,11 @@ from typing import Any
 import yaml
 
 from lowbit.core import PerChannel, PerTensor, QuantSpec
+from lowbit.transforms.pass_registry import PASS_REGISTRY, check_passes
 from lowbit.transforms.spec_yaml import spec_from_dict, spec_to_dict
 
 TARGETS = ("onnxruntime", "tensorrt")
-PASSES = ("cle", "bias_correction", "adaround", "gptq")  # run in lowbit.ptq.passes' fixed order
+PASSES = tuple(PASS_REGISTRY)  # in the order they run (transforms.pass_registry)
 
 
 def pattern_matches(pattern: str, name: str, type_name: str) -> bool:
@@ -81,13 +82,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"recipe target must be one of {TARGETS}, got {_brief(self.target)}")
-        bad = [p for p in self.passes if p not in PASSES]
-        if bad:
-            raise ValueError(f"unknown pass {_brief(bad[0])}; known passes: {', '.join(PASSES)}")
-        if "adaround" in self.passes and "gptq" in self.passes:
-            raise ValueError("passes adaround and gptq both choose the weight rounding; name only one")
-        if len(set(self.passes)) != len(self.passes):
-            raise ValueError(f"a pass is named twice in {_brief(list(self.passes))}")
+        check_passes(self.passes, lambda value: _brief(value))  # _brief is defined further down
         if not isinstance(self.passes, tuple):
             object.__setattr__(self, "passes", tuple(self.passes))
         if self.version != 1:
@@ -132,7 +127,7 @@ class Recipe:
         return dump_recipe(self)
 
     def with_passes(self, *passes: str) -> Recipe:
-        """The same recipe running ``passes`` (see ``lowbit.ptq.passes`` for their fixed order)."""
+        """The same recipe running ``passes`` (see ``lowbit.transforms.pass_registry`` for their fixed order)."""
         return replace(self, passes=tuple(passes))
 
     def keep_float(self, *patterns: str) -> Recipe:
