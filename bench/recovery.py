@@ -64,12 +64,12 @@ def float_rule_count(qmodel) -> int:
 
 def lowbit_row(zm, calib, ev: Evaluator, tmp: Path, config: str, recipe, pass_batches: int) -> dict:
     import lowbit
-    from lowbit.ptq.passes import ordered, quantize_with_passes
+    from lowbit.ptq.passes import ordered, quantize
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    q = quantize_with_passes(zm.model, calib, recipe, zm.example_input, show_progress=False,
-                             pass_batches=pass_batches, timings=timings)
+    q = quantize(zm.model, calib, recipe, zm.example_input, show_progress=False,
+                 pass_batches=pass_batches, timings=timings)
     seconds = time.perf_counter() - t0
     path = tmp / f"{zm.name}_{abs(hash((config, recipe.passes)))}.onnx"
     lowbit.export_onnx(q, zm.example_input, path, target=recipe.target, check_parity=False)

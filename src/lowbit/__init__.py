@@ -15,7 +15,7 @@ from lowbit.export.onnx_export import check_onnx_parity, export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
 from lowbit.analysis import AnalysisResult, analyze
 from lowbit.jobs import __version__, quantize_to_dir
-from lowbit.ptq.quantize import quantize
+from lowbit.ptq.passes import quantize
 from lowbit.ptq.calibrate import calibrate
 from lowbit.transforms.prepare import convert_, prepare_
 from lowbit.transforms.recipe import PRESETS, LayerRule, Recipe, load_recipe, preset

@@ -42,7 +42,7 @@ from lowbit.analysis.onnx_tensors import (OUTPUT_CONSUMER, analyze_onnx, first_n
 from lowbit.observers import OBSERVERS
 from lowbit.outdir import staged_output
 from lowbit.outdir import check_output_dir
-from lowbit.ptq.quantize import quantize
+from lowbit.ptq.passes import quantize
 from lowbit.report.engine_html import engine_section
 from lowbit.report.html import as_float, render_analysis_html
 from lowbit.transforms.recipe import PRESETS, load_recipe

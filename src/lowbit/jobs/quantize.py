@@ -30,7 +30,7 @@ from lowbit.data import Data
 from lowbit.jobs.outputs import export_models, float_layers, run_facts, write_report
 from lowbit.outdir import staged_output
 from lowbit.provenance import save_trusted_set, text_sha256, weights_sha256
-from lowbit.ptq.passes import quantize_with_passes
+from lowbit.ptq.passes import quantize
 from lowbit.report import embedding as embedding_report
 from lowbit.report.engine_ops import merge_float_layers
 from lowbit.report.evaluate import EvalSet, evaluate_pair
@@ -98,7 +98,7 @@ def quantize_to_dir(
     with staged_output(out_dir, force) as staging:
         t0 = time.perf_counter()
         pass_seconds: dict[str, float] = {}
-        qmodel = quantize_with_passes(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds)
+        qmodel = quantize(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds)
         calib_seconds = time.perf_counter() - t0
         fp32_path, int8_path = export_models(staging, qmodel, qmodel, example_input, recipe)
         report = dict(labels or {})
@@ -131,7 +131,7 @@ def _quantize_mode_to_dir(model: nn.Module, example_input: torch.Tensor, calib_d
         elif calib_data is None:
             raise ValueError("static quantization needs calibration data")
         else:
-            qmodel = quantize_with_passes(model, calib_data, recipe, example_input, show_progress=False)
+            qmodel = quantize(model, calib_data, recipe, example_input, show_progress=False)
         seconds = time.perf_counter() - t0
         fp32_path, q_path = export_models(staging, model, qmodel, example_input, recipe, dynamic=mode)
         report = {**(labels or {}), "mode": mode, "target": recipe.target, "quantize_seconds": seconds}

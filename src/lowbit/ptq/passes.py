@@ -36,10 +36,11 @@ def run_passes(model: nn.Module, names: list[str], loop: ForwardLoop, timings: d
         log.info("pass %s: %.1f s", name, timings[name])
 
 
-def quantize_with_passes(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
-                         show_progress: bool = True, pass_batches: int | None = None,
-                         timings: dict[str, float] | None = None) -> nn.Module:
-    """prepare_ → passes / calibrate / convert_ in pipeline order, on a copy of ``model``.
+def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
+             show_progress: bool = True, pass_batches: int | None = None,
+             timings: dict[str, float] | None = None) -> nn.Module:
+    """prepare_ → calibrate → convert_ on a copy of ``model``, with the recipe's passes in pipeline order;
+    returns the converted (fake-quantized) model (``lowbit.quantize``).
 
     Args:
         pass_batches: the passes see at most this many calibration batches (None: all); calibration itself

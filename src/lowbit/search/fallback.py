@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lowbit.data import Data
-from lowbit.ptq.quantize import quantize
+from lowbit.ptq.passes import quantize
 from lowbit.search.candidates import CandidateBuilder, layer_pattern, quantized_layers
 from lowbit.search.evaluate import EvalFn, MetricFn, Runner, Score, Scorer, Target, one_layer_losses, torch_runner
 from lowbit.transforms.recipe import Recipe
