@@ -33,7 +33,7 @@ PASSES = tuple(PASS_REGISTRY)  # in the order they run (transforms.pass_registry
 def pattern_matches(pattern: str, name: str, type_name: str) -> bool:
     """Whether a rule pattern names a layer: ``type:<Class>``, ``re:<regex>`` (full match) or a glob.
 
-    >>> pattern_matches("type:Conv2d", "features.0", "Conv2d"), pattern_matches("re:fc\\d", "fc2", "Linear")
+    >>> pattern_matches("type:Conv2d", "features.0", "Conv2d"), pattern_matches("re:fc[0-9]", "fc2", "Linear")
     (True, True)
     >>> pattern_matches("features.*", "classifier", "Linear")
     False
@@ -172,7 +172,23 @@ PRESETS: dict[str, Recipe] = {
 
 
 def preset(name: str) -> Recipe:
-    """A built-in recipe by name (``int8``, ``int8-per-tensor``, ``tensorrt-int8``)."""
+    """A built-in recipe by name (``int8``, ``int8-per-tensor``, ``tensorrt-int8``).
+
+    >>> r = preset("int8")
+    >>> r.target, r.default_weight.granularity, r.default_input.calibrator
+    ('onnxruntime', PerChannel(axis=0), 'percentile')
+    >>> r.default_weight.bits in (7, 8)  # 7 on x86 CPUs without VNNI (cpu_has_int8_dot_product)
+    True
+    >>> t = preset("tensorrt-int8")
+    >>> t.target, t.default_weight.narrow_range, t.default_input.signed, t.default_input.calibrator
+    ('tensorrt', True, True, 'entropy')
+    >>> r.keep_float("fc").resolve("fc", "Linear")  # a rule keeping the layer float: no weight, no input spec
+    (None, None)
+    >>> preset("int4")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown recipe preset 'int4'; presets: int8, int8-per-tensor, tensorrt-int8
+    """
     try:
         return PRESETS[name]
     except KeyError:
