@@ -82,7 +82,7 @@ class Bench:
         return run_onnx_batched(make_session(path, THREADS), self.x, EVAL_BATCH)
 
     def scores(self, out: torch.Tensor) -> dict:
-        from lowbit.analysis.embedding import mean_cosine, nn_agreement
+        from lowbit.analysis.embedding_metrics import mean_cosine, nn_agreement
 
         return {"cosine": mean_cosine(self.ref, out), "nn_agreement": nn_agreement(self.ref, out)}
 

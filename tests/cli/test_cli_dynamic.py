@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.analysis.embedding import mean_cosine, nn_agreement
+from lowbit.analysis.embedding_metrics import mean_cosine, nn_agreement
 from lowbit.cli.main import main
 from lowbit.core import PerChannel
 from lowbit.export.dynamic_onnx import run_onnx

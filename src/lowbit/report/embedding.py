@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.analysis import metrics
-from lowbit.analysis.embedding import mean_cosine, nn_agreement
+from lowbit.analysis.embedding_metrics import mean_cosine, nn_agreement
 from lowbit.export.dynamic_onnx import run_onnx_batched
 from lowbit.export.runtime import latency_ms, make_session, parity
 from lowbit.report.engine_ops import engine_accounting, slowdown
