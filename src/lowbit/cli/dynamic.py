@@ -15,7 +15,7 @@ from rich.table import Table
 
 from lowbit.cli.sources import load_data_source, load_model_source
 from lowbit.jobs import quantize_to_dir
-from lowbit.report.embedding import EMBEDDING_METRIC, summary_rows
+from lowbit.report.token_models import EMBEDDING_METRIC, summary_rows
 from lowbit.report.evaluate import EvalSet
 from lowbit.transforms.dynamic import dynamic_recipe
 from lowbit.transforms.recipe import load_recipe

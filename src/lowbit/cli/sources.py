@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit import zoo
 from lowbit.zoo.efficientnet import MEAN_RGB, STD_RGB
-from lowbit.report.embedding import EMBEDDING_METRIC
+from lowbit.report.token_models import EMBEDDING_METRIC
 from lowbit.report.evaluate import EvalFn, EvalSet
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@
     dynamic: quantize_dynamic_ (no calibration) → the same
 
 Models whose outputs are embeddings (token-id inputs, ``embedding=True``) and dynamic mode are measured with
-the embedding report (:mod:`lowbit.report.embedding`); everything else with :mod:`lowbit.report.evaluate`.
+the embedding report (:mod:`lowbit.report.token_models`); everything else with :mod:`lowbit.report.evaluate`.
 
 Everything is written into a staging folder beside ``DIR`` and renamed into place at the end, so a failure
 leaves nothing partial, and an existing ``DIR`` is replaced only with ``force=True``; ``DIR`` is locked for the
@@ -31,7 +31,7 @@ from lowbit.jobs.outputs import export_models, float_layers, run_facts, write_re
 from lowbit.outdir import staged_output
 from lowbit.provenance import save_trusted_set, text_sha256, weights_sha256
 from lowbit.ptq.passes import quantize
-from lowbit.report import embedding as embedding_report
+from lowbit.report import token_models
 from lowbit.report.engine_ops import merge_float_layers
 from lowbit.report.evaluate import EvalSet, evaluate_pair
 from lowbit.transforms.pass_registry import ordered
@@ -135,9 +135,9 @@ def _quantize_mode_to_dir(model: nn.Module, example_input: torch.Tensor, calib_d
         seconds = time.perf_counter() - t0
         fp32_path, q_path = export_models(staging, model, qmodel, example_input, recipe, dynamic=mode)
         report = {**(labels or {}), "mode": mode, "target": recipe.target, "quantize_seconds": seconds}
-        report.update(embedding_report.evaluate_onnx_pair(fp32_path, q_path, qmodel, eval_set.inputs, embedding,
+        report.update(token_models.evaluate_onnx_pair(fp32_path, q_path, qmodel, eval_set.inputs, embedding,
                                                           threads, repeats, eval_set.note))
         report.update({"float_layers": merge_float_layers(float_layers(qmodel), report["float_heavy_ops"]),
                        **run_facts()})
-        write_report(staging, report, embedding_report.to_json, embedding_report.to_markdown)
+        write_report(staging, report, token_models.to_json, token_models.to_markdown)
     return QuantizeResult(qmodel, report, out_dir)

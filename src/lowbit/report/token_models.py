@@ -1,4 +1,5 @@
-"""Report figures for models measured on their outputs as a whole (sentence embeddings) or with any input dtype.
+"""Report figures for token models: measured on their outputs as a whole (sentence embeddings), any input dtype
+(token ids stay int64), dynamic mode included.
 
 ``evaluate_onnx_pair`` runs the FP32 and the quantized ONNX file on ONNX Runtime (inputs keep their dtype, so
 token ids stay int64) and compares them; for embedding models (``embedding=True``) the task metric is the
