@@ -12,7 +12,7 @@ import lowbit
 from lowbit.analysis.metrics import accuracy, kl_softmax
 from lowbit.search import allocate_bits, front
 from lowbit.search.bits import measure_layers, option_specs
-from lowbit.search.evaluate import float_copy
+from lowbit.search.scoring import float_copy
 from lowbit.transforms.recipe import ORT_WEIGHT_BITS, LayerRule
 
 LAYERS = ["conv1", "res_conv1", "res_conv2", "down_conv", "fc"]

@@ -27,7 +27,7 @@ from lowbit.data import Data, rank_and_world
 from lowbit.outdir import check_output_dir
 from lowbit.report.evaluate import EvalSet
 from lowbit.search import allocate_bits, fallback, search_html
-from lowbit.search.evaluate import Score, Target, onnxruntime_runner
+from lowbit.search.scoring import Score, Target, onnxruntime_runner
 from lowbit.transforms.recipe import Recipe
 
 FALLBACK_FLAGS = ("min_agreement", "max_drop")

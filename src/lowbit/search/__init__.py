@@ -14,7 +14,7 @@ passes :func:`onnxruntime_runner`, which runs the exported model on ONNX Runtime
 
 from lowbit.search.bits import AllocationResult, allocate_bits
 from lowbit.search.candidates import CandidateBuilder
-from lowbit.search.evaluate import Score, Scorer, Target, onnxruntime_runner, torch_runner
+from lowbit.search.scoring import Score, Scorer, Target, onnxruntime_runner, torch_runner
 from lowbit.search.fallback import FallbackResult, fallback, ranking_from_analysis
 from lowbit.search.knapsack import solve_dp, solve_milp
 from lowbit.search.pareto import front, search_html

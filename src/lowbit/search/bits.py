@@ -38,7 +38,7 @@ from lowbit.core import QuantSpec
 from lowbit.nn import QuantLayerMixin
 from lowbit.data import Data, iter_batches
 from lowbit.search.candidates import CandidateBuilder, layer_pattern, quantized_layers
-from lowbit.search.evaluate import EvalFn, MetricFn, Runner, Scorer, one_layer_losses, torch_runner
+from lowbit.search.scoring import EvalFn, MetricFn, Runner, Scorer, one_layer_losses, torch_runner
 from lowbit.search.knapsack import solve_milp
 from lowbit.search.pareto import front
 from lowbit.transforms.recipe import ORT_WEIGHT_BITS, LayerRule, Recipe
