@@ -90,7 +90,7 @@ def run_digits(cfg: dict) -> list[dict]:
     from lowbit.zoo import load_data, load_model
 
     zm, zd = load_model("digits-cnn"), load_data("digits")
-    r = lowbit.preset("int8")
+    r = lowbit.preset("int8").for_machine()
     coarse = replace(r, default_weight=replace(r.default_weight, bits=3), default_input=replace(r.default_input, bits=4))
     acc = lambda ref, out: accuracy(out, zd.eval_labels)  # noqa: E731
     rows = [_fallback_row("digits-cnn (w3a4)", zm, zd.calib, zd.eval_inputs, coarse, torch_runner(), cfg)]
@@ -109,7 +109,7 @@ def run_effnet(cfg: dict, parts: set[str]) -> list[dict]:
     zm = load_model("efficientnet-lite0")
     zd = load_data("photos", n_calib=cfg["n_calib"], n_eval=cfg["n_eval"])
     runner = onnxruntime_runner(zm.example_input, threads=THREADS)
-    r = lowbit.preset("int8")
+    r = lowbit.preset("int8").for_machine()
     rows = []
     if "effnet-fallback" in parts:
         row = _fallback_row("efficientnet-lite0", zm, zd.calib, zd.eval_inputs, r, runner, cfg)

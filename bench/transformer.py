@@ -126,7 +126,7 @@ def run_dynamic(b: Bench, per_token: bool, alpha: float | None = None) -> None:
     from lowbit.ptq.smoothquant import SmoothQuantConfig, smooth_
     from lowbit.transforms.dynamic import dynamic_recipe, quantize_dynamic_
 
-    recipe = dynamic_recipe(per_token=per_token)
+    recipe = dynamic_recipe(per_token=per_token).for_machine()
     t0 = time.perf_counter()
     model = copy.deepcopy(b.zm.model)
     if alpha is not None:  # SmoothQuant needs the calibration sentences (activation maxima per channel)
@@ -143,7 +143,7 @@ def run_dynamic(b: Bench, per_token: bool, alpha: float | None = None) -> None:
 def static_recipe():
     import lowbit
 
-    return lowbit.preset("int8").with_calibrator("minmax").keep_float("type:add")
+    return lowbit.preset("int8").with_calibrator("minmax").keep_float("type:add").for_machine()
 
 
 def run_static(b: Bench, alpha: float | None) -> None:

@@ -125,6 +125,7 @@ def run_qat(model: nn.Module, example_input: torch.Tensor, calib: Data, ev: Eval
         train_note: how the training data is described in the report.
     """
     settings.check()
+    recipe = recipe.for_machine()  # this machine's weight bits, written into recipe.yaml
     out_dir = Path(out_dir)
     writer = rank_and_world()[0] == 0
     distill = settings.distill or (None if train_y is not None else "kl")

@@ -90,6 +90,7 @@ def quantize_to_dir(
         raise ValueError(f"unknown quantization mode {mode!r}; modes: {', '.join(MODES)}")
     if not isinstance(eval_set, EvalSet):
         eval_set = EvalSet(eval_set)
+    recipe = recipe.for_machine()  # this machine's weight bits, written into recipe.yaml
     if mode == "dynamic" or embedding:
         return _quantize_mode_to_dir(model, example_input, calib_data, recipe, Path(out_dir), eval_set, mode,
                                      embedding, force, labels, threads, repeats)

@@ -94,6 +94,7 @@ def run_search(request: SearchRequest, model: nn.Module, example_input: torch.Te
         progress: ``progress(line)`` for the fallback's steps.
     """
     request.check()
+    recipe = recipe.for_machine()
     if rank_and_world()[1] > 1:
         raise ValueError("the mixed precision search runs in one process; drop --nproc (each process would search "
                          "on its own, and time budgets could make them pick different recipes)")

@@ -202,6 +202,7 @@ def prepare_qat_(
     """
     if from_ptq and calib_data is None:
         raise ValueError("prepare_qat_(from_ptq=True) needs calib_data")
+    recipe = recipe.for_machine()
     if recipe.passes:
         log.warning("prepare_qat_ does not run post-training passes; recipe passes %s are ignored", ", ".join(recipe.passes))
     try:

@@ -250,6 +250,7 @@ def fallback(model: nn.Module, calib_data: Data, eval_inputs: torch.Tensor, reci
     if budget_seconds <= 0 or not 0 < rank_share <= 1 or rank_by not in RANK_BY or rank_samples < 1:
         raise ValueError(f"budget_seconds must be > 0, rank_share in (0, 1], rank_by one of {RANK_BY} and "
                          f"rank_samples >= 1; got {budget_seconds}, {rank_share}, {rank_by!r}, {rank_samples}")
+    recipe = recipe.for_machine()
     runner = runner or torch_runner()
     example_input = eval_inputs[:1] if example_input is None else example_input
     builder = CandidateBuilder(model, calib_data, example_input)

@@ -150,6 +150,7 @@ def prepare_(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | Non
     """
     if model.training:
         raise ValueError("prepare_ needs an eval-mode model (BatchNorm folding uses running statistics): call model.eval()")
+    recipe = recipe.for_machine()
     cap = capture_model(model, example_input, capture)
     log.info("%s", cap.describe())
     if cap.graph_module is None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import fnmatch
 import platform
 import re
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,9 @@ class Recipe:
     target: str = "onnxruntime"
     passes: tuple[str, ...] = ()
     version: int = 1
+    # 8-bit weights that become 7-bit on CPUs without an int8 dot product when a job runs (for_machine): set
+    # by the int8 presets and by YAML recipes that do not give weight bits; never written to YAML.
+    machine_weight_bits: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -134,6 +138,23 @@ class Recipe:
         """The same recipe with the matching layers kept in float."""
         return self.with_rules(*(LayerRule(p, None, None) for p in patterns))
 
+    def for_machine(self) -> Recipe:
+        """This recipe as it runs on this machine: with ``machine_weight_bits``, 8-bit weight specs (defaults and
+        rules) take :func:`machine_weight_bits` (7 on x86 CPUs without VNNI); the result is final (flag off).
+
+        Every job, ``prepare_`` and ``quantize_dynamic_`` call it, so the ``recipe.yaml`` a job writes holds the
+        bits that ran.
+        """
+        if not self.machine_weight_bits:
+            return self
+        bits = machine_weight_bits()
+
+        def fit(spec: QuantSpec | None) -> QuantSpec | None:
+            return replace(spec, bits=bits) if spec is not None and spec.bits == 8 else spec
+
+        rules = tuple(replace(r, weight=fit(r.weight)) for r in self.rules)
+        return replace(self, default_weight=fit(self.default_weight), rules=rules, machine_weight_bits=False)
+
 
 def cpu_has_int8_dot_product() -> bool:
     """True when this CPU multiplies u8 x s8 without 16-bit saturation (VNNI / AMX on x86, any Arm CPU).
@@ -152,16 +173,24 @@ def cpu_has_int8_dot_product() -> bool:
     return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"))
 
 
-ORT_WEIGHT_BITS = 8 if cpu_has_int8_dot_product() else 7
+@functools.cache
+def machine_weight_bits() -> int:
+    """Weight bits the ``int8`` presets use on this machine for ONNX Runtime: 8, or 7 on x86 CPUs without VNNI
+    (ONNX Runtime's ``reduce_range``; see :func:`cpu_has_int8_dot_product`). Read when a job runs."""
+    return 8 if cpu_has_int8_dot_product() else 7
+
+
 INT8_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, granularity=PerChannel(0), calibrator="minmax")
 UINT8_ACT = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor(), calibrator="percentile")
 
-# int8 presets for ONNX Runtime keep weights in int8 containers but use 7 bits on CPUs without VNNI.
+# Pure values, the same on every machine. The int8 presets for ONNX Runtime keep weights in int8 containers
+# but use 7 bits on CPUs without VNNI: machine_weight_bits marks that, resolved by Recipe.for_machine().
 PRESETS: dict[str, Recipe] = {
-    "int8": Recipe(default_weight=replace(INT8_WEIGHT, bits=ORT_WEIGHT_BITS), default_input=UINT8_ACT),
+    "int8": Recipe(default_weight=INT8_WEIGHT, default_input=UINT8_ACT, machine_weight_bits=True),
     "int8-per-tensor": Recipe(
-        default_weight=replace(INT8_WEIGHT, bits=ORT_WEIGHT_BITS, granularity=PerTensor()),
+        default_weight=replace(INT8_WEIGHT, granularity=PerTensor()),
         default_input=replace(UINT8_ACT, calibrator="minmax"),
+        machine_weight_bits=True,
     ),
     "tensorrt-int8": Recipe(
         default_weight=replace(INT8_WEIGHT, narrow_range=True),
@@ -177,7 +206,9 @@ def preset(name: str) -> Recipe:
     >>> r = preset("int8")
     >>> r.target, r.default_weight.granularity, r.default_input.calibrator
     ('onnxruntime', PerChannel(axis=0), 'percentile')
-    >>> r.default_weight.bits in (7, 8)  # 7 on x86 CPUs without VNNI (cpu_has_int8_dot_product)
+    >>> r.default_weight.bits, r.machine_weight_bits  # the same on every machine ...
+    (8, True)
+    >>> r.for_machine().default_weight.bits == machine_weight_bits()  # ... 7-bit on x86 CPUs without VNNI
     True
     >>> t = preset("tensorrt-int8")
     >>> t.target, t.default_weight.narrow_range, t.default_input.signed, t.default_input.calibrator
@@ -245,13 +276,14 @@ def _rule_from_dict(raw: Any, recipe_weight: QuantSpec, recipe_input: QuantSpec,
 
 
 def recipe_from_dict(raw: Any, where: str = "recipe") -> Recipe:
-    """Build a recipe from its YAML dict; missing top-level keys come from the ``int8`` preset."""
+    """Build a recipe from its YAML dict; missing top-level keys come from the ``int8`` preset, as it runs on this
+    machine (``Recipe.for_machine``)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(RECIPE_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown key {_brief(unknown[0])}; allowed keys: {', '.join(RECIPE_KEYS)}")
-    base = PRESETS["int8"]
+    base = PRESETS["int8"].for_machine()  # a file is read when its job runs: missing bits are this machine's
     weight = spec_from_dict(raw.get("weight", {}), base.default_weight, f"{where}.weight")
     inp = spec_from_dict(raw.get("input", {}), base.default_input, f"{where}.input")
     rules_raw = raw.get("rules", []) or []
