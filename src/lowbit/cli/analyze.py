@@ -22,13 +22,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lowbit.analysis.onnx_tensors import worst_tensors
-from lowbit.cli.sources import load_data_source, load_model_source
+from lowbit.cli.sources import add_source_args, load_data_source, load_model_source
 from lowbit.jobs.analyze import analyze_to_dir
-from lowbit.observers import OBSERVERS
 from lowbit.outdir import check_output_dir
 from lowbit.report.html import as_float
-from lowbit.transforms.recipe import PRESETS, load_recipe
-from lowbit.zoo import DATA_NAMES, MODEL_NAMES
+from lowbit.transforms.recipe import load_recipe
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -37,10 +35,7 @@ N_WORST = 5
 
 def add_analyze_args(p: argparse.ArgumentParser) -> None:
     """The ``analyze`` subcommand's options."""
-    p.add_argument("--model", required=True, help=f"zoo name ({', '.join(MODEL_NAMES)}) or package.module:callable")
-    p.add_argument("--data", required=True, help=f"zoo data ({', '.join(DATA_NAMES)}), an image folder, or a .npy/.pt file")
-    p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
-    p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")
+    add_source_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (analysis.json, analysis.html)")
     p.add_argument("--budget-seconds", type=float, default=60.0, help="time for the sensitivity sweeps (default 60)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")

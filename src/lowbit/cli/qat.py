@@ -19,13 +19,11 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit.cli.launch import is_writer, shard_calibration
-from lowbit.cli.sources import load_data_source, load_eval_fn, load_model_source
+from lowbit.cli.sources import add_source_args, load_data_source, load_eval_fn, load_model_source
 from lowbit.jobs.qat import QATSettings, run_qat as run_qat_job
-from lowbit.observers import OBSERVERS
 from lowbit.qat.distill import DISTILL_LOSSES
 from lowbit.report.evaluate import EvalSet
-from lowbit.transforms.recipe import PRESETS, load_recipe
-from lowbit.zoo import DATA_NAMES, MODEL_NAMES
+from lowbit.transforms.recipe import load_recipe
 
 console = Console()
 PHOTOS_N_TRAIN = 256
@@ -34,10 +32,7 @@ PHOTOS_TRAIN_SEED = 1
 
 def add_qat_args(p: argparse.ArgumentParser) -> None:
     """The ``qat`` subcommand's options."""
-    p.add_argument("--model", required=True, help=f"zoo name ({', '.join(MODEL_NAMES)}) or package.module:callable")
-    p.add_argument("--data", required=True, help=f"zoo data ({', '.join(DATA_NAMES)}), an image folder, or a .npy/.pt file")
-    p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
-    p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")
+    add_source_args(p)
     p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--distill", nargs="?", const="kl", default=None, choices=sorted(DISTILL_LOSSES),
