@@ -53,7 +53,8 @@ def _metric(ev: EvalSet, predict: Predict, ref_out: torch.Tensor, out: torch.Ten
     return metrics.top1_agreement(ref_out, out)
 
 
-def _latencies(fp32_path: Path, int8_path: Path, example: torch.Tensor, threads: int, repeats: int) -> dict:
+def latencies(fp32_path: Path, int8_path: Path, example: torch.Tensor, threads: int, repeats: int) -> dict:
+    """Median ONNX Runtime latency of both models at batch 1 and 32 (rows of ``example``'s first row)."""
     out = {}
     for batch in (1, 32):
         x = example[:1].expand(batch, *example.shape[1:]).contiguous()
@@ -101,7 +102,7 @@ def evaluate_pair(
     fig["parity_ok"] = par.ok
     fig["parity"] = par.to_dict()
     fig.update(engine_accounting(int8_path, threads))
-    fig.update(_latencies(fp32_path, int8_path, ev.inputs, threads, repeats))
+    fig.update(latencies(fp32_path, int8_path, ev.inputs, threads, repeats))
     fig["slowdown"] = slowdown(fig)
     if fig["slowdown"]:
         log.warning("%s: %s", int8_path, fig["slowdown"])
