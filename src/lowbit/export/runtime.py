@@ -65,6 +65,17 @@ def batched_predict(session: ort.InferenceSession, batch_size: int = 32):
     return predict
 
 
+def with_extra_outputs(model: onnx.ModelProto, extra: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``extra`` (name → ONNX element type)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
+    for name, elem in extra.items():
+        if name not in present:
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return copy
+
+
 def optimized_graph(path: str | Path, threads: int = 2) -> onnx.ModelProto:
     """The graph ONNX Runtime actually executes after its optimisations (CPU provider, full optimisation)."""
     with tempfile.TemporaryDirectory() as tmp:
