@@ -98,3 +98,23 @@ def test_no_private_name_crosses_a_package():
             if any(part.startswith("_") and not part.startswith("__") for part in module.split(".")):
                 bad.append(f"{rel}:{line} imports private module {module}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_private_attribute_of_another_package():
+    """``module._name`` on a module imported from another package (``from lowbit.x import y; y._z``)."""
+    bad = []
+    for rel, tree in _modules():
+        own = _package_of(rel)
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "lowbit":
+                aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+            elif isinstance(node, ast.Import):
+                aliases.update({a.asname or a.name.split(".")[0]: a.name for a in node.names
+                                if a.name.split(".")[0] == "lowbit"})
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and _target_package(aliases[node.value.id]) != own):
+                bad.append(f"{rel}:{node.lineno} reads {aliases[node.value.id]}.{node.attr}")
+    assert not bad, "\n".join(bad)
