@@ -118,3 +118,25 @@ def test_no_private_attribute_of_another_package():
                     and _target_package(aliases[node.value.id]) != own):
                 bad.append(f"{rel}:{node.lineno} reads {aliases[node.value.id]}.{node.attr}")
     assert not bad, "\n".join(bad)
+
+
+# (file, line text): writes to a module's __dict__ outside lowbit.nn that are not a class handling its own instance
+DICT_ALLOWED = {
+    ("transforms/lift.py", "new.__dict__ = mod.__dict__.copy()"),  # a shallow copy of any float module, not nn state
+}
+
+
+def test_only_nn_touches_module_dicts():
+    """Engine links and export tensors belong to lowbit.nn (``engine_emulation``, ``export_form``): outside nn
+    only ``self.__dict__`` (a class of that package handling its own instance) is allowed."""
+    bad = []
+    for rel, tree in _modules():
+        if _package_of(rel) == "nn":
+            continue
+        lines = (SRC / rel).read_text().splitlines()
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr == "__dict__"
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+                    and (str(rel), lines[node.lineno - 1].strip()) not in DICT_ALLOWED):
+                bad.append(f"{rel}:{node.lineno} {lines[node.lineno - 1].strip()}")
+    assert not bad, "\n".join(bad)
