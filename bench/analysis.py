@@ -79,7 +79,7 @@ def worker(cfg_json: str, out_path: str) -> None:
     torch.set_num_threads(THREADS)
     logging.basicConfig(level=logging.ERROR)
     zm, data = load(cfg)
-    recipe = lowbit.preset(RECIPE)
+    recipe = lowbit.preset(RECIPE).for_machine()
     before = rss_mb()
     reset_ok = reset_peak_rss()
     t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def quantize_export(zm, calib, float_layers: list[str], path: Path) -> dict:
 
     import lowbit
 
-    recipe = lowbit.preset(RECIPE)
+    recipe = lowbit.preset(RECIPE).for_machine()
     if float_layers:
         recipe = recipe.keep_float(*float_layers)
     t0 = time.perf_counter()

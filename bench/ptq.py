@@ -146,7 +146,7 @@ def torch_latency_ms(model, x: torch.Tensor, repeats: int, warmup: int) -> float
 def run_lowbit(zm, calib: list[torch.Tensor], ev: Evaluator, tmp: Path, recipe_name: str, calibrator: str) -> dict:
     import lowbit
 
-    recipe = lowbit.preset(recipe_name).with_calibrator(calibrator)
+    recipe = lowbit.preset(recipe_name).with_calibrator(calibrator).for_machine()
     t0 = time.perf_counter()
     qmodel = lowbit.quantize(zm.model, calib, recipe, zm.example_input, show_progress=False)
     calib_seconds = time.perf_counter() - t0

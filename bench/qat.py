@@ -71,7 +71,7 @@ def recipes() -> dict:
             QuantSpec(bits=wb, signed=True, symmetric=True, granularity=PerChannel(0), calibrator="minmax"),
             QuantSpec(bits=ab, signed=False, symmetric=False, granularity=PerTensor(), calibrator="percentile"))
 
-    int8 = lowbit.preset("int8")
+    int8 = lowbit.preset("int8").for_machine()
     return {"W8A8": int8, "W4A4": rec(4, 4), "W2A4": rec(2, 4), "W4A8": replace(int8, default_weight=replace(int8.default_weight, bits=4))}
 
 

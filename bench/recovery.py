@@ -5,7 +5,7 @@ with ``lowbit.export_onnx`` and its figures come from ONNX Runtime running that 
 
 * efficientnet-lite0 on ``photos`` (64 calibration views, 256 evaluation views; metric: top-1 agreement with
   the FP32 ONNX): W8A8 (recipe ``int8``: uint8 asymmetric percentile activations, symmetric per-channel weights,
-  7-bit on CPUs without VNNI, see ``ORT_WEIGHT_BITS``) as RTN, +CLE, +bias correction, +CLE+bias correction,
+  7-bit on CPUs without VNNI, see ``lowbit.transforms.recipe.machine_weight_bits``) as RTN, +CLE, +bias correction, +CLE+bias correction,
   +AdaRound(+bias correction), +GPTQ(+bias correction); the fallback search to agreement >= 0.99; W4A8 as
   RTN / AdaRound / GPTQ.
 * digits-cnn on ``digits`` (metric: test accuracy): W4A8 and W2A8 with RTN / AdaRound / GPTQ, every layer at that
@@ -64,12 +64,12 @@ def float_rule_count(qmodel) -> int:
 
 def lowbit_row(zm, calib, ev: Evaluator, tmp: Path, config: str, recipe, pass_batches: int) -> dict:
     import lowbit
-    from lowbit.ptq.passes import ordered, quantize_with_passes
+    from lowbit.ptq.passes import ordered, quantize
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    q = quantize_with_passes(zm.model, calib, recipe, zm.example_input, show_progress=False,
-                             pass_batches=pass_batches, timings=timings)
+    q = quantize(zm.model, calib, recipe, zm.example_input, show_progress=False,
+                 pass_batches=pass_batches, timings=timings)
     seconds = time.perf_counter() - t0
     path = tmp / f"{zm.name}_{abs(hash((config, recipe.passes)))}.onnx"
     lowbit.export_onnx(q, zm.example_input, path, target=recipe.target, check_parity=False)
@@ -81,7 +81,7 @@ def lowbit_row(zm, calib, ev: Evaluator, tmp: Path, config: str, recipe, pass_ba
 
 
 def fallback_row(zm, calib, ev: Evaluator, config: str, recipe, budget: float) -> dict:
-    from lowbit.cli.search_args import onnxruntime_runner
+    from lowbit.search import onnxruntime_runner
     from lowbit.search import fallback
 
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def fallback_row(zm, calib, ev: Evaluator, config: str, recipe, budget: float) -
 def effnet_configs(quick: bool):
     import lowbit
 
-    w8 = lowbit.preset("int8")
+    w8 = lowbit.preset("int8").for_machine()
     w8_label = f"W8A8 (weights {w8.default_weight.bits}-bit per-channel, uint8 percentile activations)"
     rows = [(w8_label, w8.with_passes(*p)) for p in
             ((), ("cle",), ("bias_correction",), ("adaround", "bias_correction"), ("gptq", "bias_correction"))]
@@ -112,7 +112,7 @@ def effnet_configs(quick: bool):
 def digits_configs():
     import lowbit
 
-    w8 = lowbit.preset("int8")
+    w8 = lowbit.preset("int8").for_machine()
     out = []
     for bits in (4, 2):
         rec = with_weight_bits(w8, bits)
@@ -152,7 +152,7 @@ def bench_model(name: str, quick: bool, tmp: Path, fallback_budget: float) -> li
     if name == "efficientnet-lite0":
         import lowbit
 
-        add(fallback_row(zm, calib, ev, "W8A8 + fallback search to agreement >= 0.99", lowbit.preset("int8"),
+        add(fallback_row(zm, calib, ev, "W8A8 + fallback search to agreement >= 0.99", lowbit.preset("int8").for_machine(),
                          fallback_budget))
     pre = tmp / f"{name}_fp32_pre.onnx"
     quant_pre_process(str(fp32), str(pre))

@@ -4,7 +4,7 @@ Rows (``bench/results/search.json``, ``search_quick.json`` with ``--quick``):
 
 1. ``fallback`` — EfficientNet-Lite0, recipe ``int8``, photos (``n_calib`` calibration / ``n_eval`` evaluation
    views that never overlap): ``lowbit.search.fallback(min_agreement=0.99)``. Candidates are exported and run on
-   ONNX Runtime (CPU EP, 2 threads: ``lowbit.cli.search_args.onnxruntime_runner``), so ``agreement`` is the
+   ONNX Runtime (CPU EP, 2 threads: ``lowbit.search.onnxruntime_runner``), so ``agreement`` is the
    deployed engine's top-1 agreement with the FP32 ONNX on the evaluation views. Keys: ``met``, ``n_float``,
    ``float_layers``, ``agreement``, ``agreement_int8`` (the plain recipe), ``seconds`` (whole search, including
    the final end-to-end verification), ``candidates`` (recipes scored), ``rank_by``, ``message``; and, since
@@ -90,7 +90,7 @@ def run_digits(cfg: dict) -> list[dict]:
     from lowbit.zoo import load_data, load_model
 
     zm, zd = load_model("digits-cnn"), load_data("digits")
-    r = lowbit.preset("int8")
+    r = lowbit.preset("int8").for_machine()
     coarse = replace(r, default_weight=replace(r.default_weight, bits=3), default_input=replace(r.default_input, bits=4))
     acc = lambda ref, out: accuracy(out, zd.eval_labels)  # noqa: E731
     rows = [_fallback_row("digits-cnn (w3a4)", zm, zd.calib, zd.eval_inputs, coarse, torch_runner(), cfg)]
@@ -103,13 +103,13 @@ def run_digits(cfg: dict) -> list[dict]:
 
 def run_effnet(cfg: dict, parts: set[str]) -> list[dict]:
     import lowbit
-    from lowbit.cli.search_args import onnxruntime_runner
+    from lowbit.search import onnxruntime_runner
     from lowbit.zoo import load_data, load_model
 
     zm = load_model("efficientnet-lite0")
     zd = load_data("photos", n_calib=cfg["n_calib"], n_eval=cfg["n_eval"])
     runner = onnxruntime_runner(zm.example_input, threads=THREADS)
-    r = lowbit.preset("int8")
+    r = lowbit.preset("int8").for_machine()
     rows = []
     if "effnet-fallback" in parts:
         row = _fallback_row("efficientnet-lite0", zm, zd.calib, zd.eval_inputs, r, runner, cfg)

@@ -82,7 +82,7 @@ class Bench:
         return run_onnx_batched(make_session(path, THREADS), self.x, EVAL_BATCH)
 
     def scores(self, out: torch.Tensor) -> dict:
-        from lowbit.analysis.embedding import mean_cosine, nn_agreement
+        from lowbit.analysis.embedding_metrics import mean_cosine, nn_agreement
 
         return {"cosine": mean_cosine(self.ref, out), "nn_agreement": nn_agreement(self.ref, out)}
 
@@ -126,7 +126,7 @@ def run_dynamic(b: Bench, per_token: bool, alpha: float | None = None) -> None:
     from lowbit.ptq.smoothquant import SmoothQuantConfig, smooth_
     from lowbit.transforms.dynamic import dynamic_recipe, quantize_dynamic_
 
-    recipe = dynamic_recipe(per_token=per_token)
+    recipe = dynamic_recipe(per_token=per_token).for_machine()
     t0 = time.perf_counter()
     model = copy.deepcopy(b.zm.model)
     if alpha is not None:  # SmoothQuant needs the calibration sentences (activation maxima per channel)
@@ -143,7 +143,7 @@ def run_dynamic(b: Bench, per_token: bool, alpha: float | None = None) -> None:
 def static_recipe():
     import lowbit
 
-    return lowbit.preset("int8").with_calibrator("minmax").keep_float("type:add")
+    return lowbit.preset("int8").with_calibrator("minmax").keep_float("type:add").for_machine()
 
 
 def run_static(b: Bench, alpha: float | None) -> None:

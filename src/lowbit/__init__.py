@@ -1,21 +1,28 @@
 """lowbit: take a PyTorch model to INT8 and ship it — calibrate, quantize, export ONNX Q/DQ, report honestly.
 
-Python API::
+Python API (prepare_ → calibrate → convert_ → export_onnx, or ``quantize`` for the first three on a copy):
 
-    import lowbit
-    recipe = lowbit.preset("int8")
-    qmodel = lowbit.prepare_(model.eval(), recipe, example_input)
-    lowbit.calibrate(qmodel, calibration_batches)
-    lowbit.convert_(qmodel)
-    lowbit.export_onnx(qmodel, example_input, "model_int8.onnx")
+>>> import torch, lowbit
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+>>> x = torch.randn(16, 4)
+>>> qmodel = lowbit.prepare_(model, lowbit.preset("int8"), x[:1])   # BN folded, quantizers inserted
+>>> _ = lowbit.calibrate(qmodel, x, show_progress=False)              # batches, one Tensor, or forward_loop
+>>> _ = lowbit.convert_(qmodel)                                       # scales and zero-points frozen
+>>> bool((qmodel(x) - model(x)).abs().max() < 0.1)
+True
+>>> sorted(lowbit.preset("int8-per-tensor").with_passes("bias_correction", "cle").passes)
+['bias_correction', 'cle']
+
+``lowbit.export_onnx(qmodel, x[:1], "model_int8.onnx")`` writes the ONNX Q/DQ model (parity checked on
+ONNX Runtime); ``lowbit.quantize_to_dir(...)`` is the whole job the ``lowbit quantize`` command runs.
 """
 
 from lowbit.core import PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.export.onnx_export import check_onnx_parity, export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
 from lowbit.analysis import AnalysisResult, analyze
-from lowbit.pipeline import __version__, quantize_to_dir
-from lowbit.ptq.quantize import quantize
+from lowbit.jobs import __version__, quantize_to_dir
+from lowbit.ptq.passes import quantize
 from lowbit.ptq.calibrate import calibrate
 from lowbit.transforms.prepare import convert_, prepare_
 from lowbit.transforms.recipe import PRESETS, LayerRule, Recipe, load_recipe, preset

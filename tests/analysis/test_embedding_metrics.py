@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lowbit.analysis.embedding import mean_cosine, nearest_neighbours, nn_agreement
+from lowbit.analysis.embedding_metrics import mean_cosine, nearest_neighbours, nn_agreement
 
 
 def _naive_cos(a, b):

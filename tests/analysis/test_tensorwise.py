@@ -15,7 +15,7 @@ from lowbit.nn import TensorQuantizer
 from lowbit.analysis import metrics
 from lowbit.analysis.tensorwise import activation_quantizers, match_by_qparams, quantized_activation_errors
 from lowbit.core import quantize_dequantize
-from lowbit.export.ort_analysis import quantized_tensors
+from lowbit.analysis.onnx_tensors import quantized_tensors
 from lowbit.nn import QuantLayerMixin
 
 

@@ -125,12 +125,12 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, args, culprit):
 
 
 def test_failure_inside_the_analysis_leaves_nothing(capsys, tmp_path, monkeypatch):
-    import lowbit.cli.analyze
+    import lowbit.jobs.analyze
 
     def boom(*args, **kwargs):
         raise RuntimeError("analysis exploded\nsecond line")
 
-    monkeypatch.setattr(lowbit.cli.analyze, "analyze", boom)
+    monkeypatch.setattr(lowbit.jobs.analyze, "analyze", boom)
     line = _run_error(capsys, tmp_path, ["--model", "digits-cnn", "--data", "digits"], "analysis exploded")
     assert "second line" not in line
 

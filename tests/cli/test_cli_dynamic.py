@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.analysis.embedding import mean_cosine, nn_agreement
+from lowbit.analysis.embedding_metrics import mean_cosine, nn_agreement
 from lowbit.cli.main import main
 from lowbit.core import PerChannel
 from lowbit.export.dynamic_onnx import run_onnx
@@ -87,14 +87,14 @@ class _Bag(torch.nn.Module):
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_pipeline_handles_integer_inputs_in_both_modes(tmp_path, mode):
-    from lowbit.pipeline_dynamic import quantize_mode_to_dir
+    from lowbit.jobs import quantize_to_dir
     from lowbit.transforms.dynamic import dynamic_recipe
 
     torch.manual_seed(0)
     ids = torch.randint(0, 30, (12, 5))
     recipe = dynamic_recipe() if mode == "dynamic" else lowbit.preset("int8").with_calibrator("minmax")
-    result = quantize_mode_to_dir(_Bag().eval(), ids[:1], ids if mode == "static" else None, recipe, tmp_path / mode,
-                                  ids, mode=mode, embedding=True, repeats=1)
+    result = quantize_to_dir(_Bag().eval(), ids[:1], ids if mode == "static" else None, recipe, tmp_path / mode,
+                             ids, mode=mode, embedding=True, repeats=1)
     assert sorted(os.listdir(tmp_path / mode)) == FILES
     r = result.report
     assert r["mode"] == mode and r["metric_int8"] > 0.99 and r["int8_kernels"] > 0

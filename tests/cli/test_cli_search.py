@@ -55,7 +55,7 @@ def test_allocation_writes_per_layer_bits_and_pareto(runs):
     recipe = lowbit.load_recipe(out / "recipe.yaml")
     for name, b in s["bits"].items():
         w, a = recipe.resolve(name, "Conv2d" if name != "fc" else "Linear")
-        assert w.bits == min(b["weight_bits"], lowbit.transforms.recipe.ORT_WEIGHT_BITS) and a.bits == 8
+        assert w.bits == min(b["weight_bits"], lowbit.transforms.recipe.machine_weight_bits()) and a.bits == 8
     assert {b["weight_bits"] for b in s["bits"].values()} <= {2, 4, 8}
     assert len(s["pareto"]) >= 2 and any(p["chosen"] for p in s["pareto"])
     assert 'id="chart-pareto"' in (out / "search.html").read_text()

@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.core import choose_qparams, grid_search_qparams, lsq_fit_qparams, minmax_qparams, qrange
+from lowbit.core import (PerChannel, PerGroup, PerTensor, choose_qparams, grid_search_qparams, lsq_fit_qparams,
+                         minmax_qparams, qrange)
 
 from .refs import np_qdq, np_quantize
 
 F32 = np.float32
 METHODS = {"lsq": lsq_fit_qparams, "grid": grid_search_qparams}
+
+
+def gran(axis):
+    """The granularity the fits take: per tensor for axis None, else per channel along ``axis``."""
+    return PerTensor() if axis is None else PerChannel(axis)
 
 
 def sample(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -70,8 +76,8 @@ SHAPES = {None: (16384,), 0: (4, 8192)}
 def test_heavy_tails_beat_minmax(kind, bits, symmetric, axis, method):
     qmin, qmax = qrange(bits, True)
     x = sample(kind, SHAPES[axis], seed=bits + 2 * symmetric)
-    s0, z0 = minmax_qparams(x, qmin, qmax, symmetric, axis)
-    s, z = METHODS[method](x, qmin, qmax, symmetric, axis)
+    s0, z0 = minmax_qparams(x, qmin, qmax, symmetric, gran(axis))
+    s, z = METHODS[method](x, qmin, qmax, symmetric, gran(axis))
     shape = () if axis is None else (x.shape[0],)
     check_qparams(s, z, qmin, qmax, symmetric, shape)
     base, fit = ref_mse(x, s0, z0, qmin, qmax, axis), ref_mse(x, s, z, qmin, qmax, axis)
@@ -90,8 +96,8 @@ def test_heavy_tails_beat_minmax(kind, bits, symmetric, axis, method):
 def test_student_t2_lsq_beats_minmax_per_channel(kind, bits, symmetric):
     qmin, qmax = qrange(bits, True)
     x = sample(kind, (8, 4096), seed=11)
-    s0, z0 = minmax_qparams(x, qmin, qmax, symmetric, 0)
-    s, z = lsq_fit_qparams(x, qmin, qmax, symmetric, 0)
+    s0, z0 = minmax_qparams(x, qmin, qmax, symmetric, PerChannel(0))
+    s, z = lsq_fit_qparams(x, qmin, qmax, symmetric, PerChannel(0))
     base, fit = ref_mse(x, s0, z0, qmin, qmax, 0), ref_mse(x, s, z, qmin, qmax, 0)
     assert np.all(fit <= base) and fit.mean() < base.mean()
 
@@ -103,8 +109,8 @@ def test_never_worse_than_minmax_on_gaussian(method, bits, signed, symmetric):
     qmin, qmax = qrange(bits, signed)
     for seed, (shape, axis) in enumerate([((2000,), None), ((6, 300), 0), ((5, 7, 40), 1), ((9, 33), -1)]):
         x = sample("gaussian", shape, seed) * 3 + (0.5 if not signed else 0.0)
-        s0, z0 = minmax_qparams(x, qmin, qmax, symmetric, axis)
-        s, z = METHODS[method](x, qmin, qmax, symmetric, axis)
+        s0, z0 = minmax_qparams(x, qmin, qmax, symmetric, gran(axis))
+        s, z = METHODS[method](x, qmin, qmax, symmetric, gran(axis))
         check_qparams(s, z, qmin, qmax, symmetric, () if axis is None else (shape[axis],))
         ax = None if axis is None else axis % x.ndim
         base = ref_mse(x, s0, z0, qmin, qmax, ax)
@@ -121,8 +127,8 @@ def test_lsq_single_step_solves_the_normal_equations(symmetric, axis, bits):
     (np.linalg.lstsq in float64) and the zero point the rounded intercept term, S* = cov(R,Q)/var(Q)."""
     qmin, qmax = qrange(bits, True)
     x = sample("student_t3", (16384,) if axis is None else (6, 4096), seed=5)
-    s0, z0 = minmax_qparams(x, qmin, qmax, symmetric, axis)
-    s, z = lsq_fit_qparams(x, qmin, qmax, symmetric, axis, iters=1)
+    s0, z0 = minmax_qparams(x, qmin, qmax, symmetric, gran(axis))
+    s, z = lsq_fit_qparams(x, qmin, qmax, symmetric, gran(axis), iters=1)
     rows = [x.numpy().ravel()] if axis is None else list(x.numpy())
     s0v, z0v, sv, zv = (np.atleast_1d(t.numpy()) for t in (s0, z0, s, z))
     base = np.atleast_1d(ref_mse(x, s0, z0, qmin, qmax, axis))
@@ -186,7 +192,7 @@ def test_grid_search_picks_the_best_candidate(symmetric, axis):
     qmin, qmax = qrange(4, True)
     x = sample("student_t3", (4096,) if axis is None else (3, 2048), seed=7)
     n, min_ratio = 25, 0.3
-    s, z = grid_search_qparams(x, qmin, qmax, symmetric, axis, num_candidates=n, min_ratio=min_ratio)
+    s, z = grid_search_qparams(x, qmin, qmax, symmetric, gran(axis), num_candidates=n, min_ratio=min_ratio)
     dims = tuple(range(x.ndim)) if axis is None else tuple(range(1, x.ndim))
     lo, hi = x.amin(dim=dims), x.amax(dim=dims)
     cands = [choose_qparams(lo * a, hi * a, qmin, qmax, symmetric) for a in torch.linspace(min_ratio, 1.0, n).tolist()]
@@ -205,7 +211,7 @@ def test_minmax_qparams_matches_choose_qparams():
     x = sample("gaussian", (5, 6, 7), seed=1)
     for axis in (None, 0, 1, 2, -1):
         for symmetric in (True, False):
-            s, z = minmax_qparams(x, -8, 7, symmetric, axis)
+            s, z = minmax_qparams(x, -8, 7, symmetric, gran(axis))
             if axis is None:
                 lo, hi = x.min(), x.max()
             else:
@@ -222,7 +228,7 @@ def test_one_dimensional_per_channel_is_per_element(fn):
     reducing over an empty dim tuple used to reduce over everything and return a single scalar)."""
     x = torch.tensor([1.0, -2.0, 3.0, 0.0, 0.5])
     for symmetric in (True, False):
-        s, z = fn(x, -128, 127, symmetric, 0)
+        s, z = fn(x, -128, 127, symmetric, PerChannel(0))
         assert s.shape == (5,) and z.shape == (5,)
         s2, z2 = choose_qparams(x, x, -128, 127, symmetric)
         if fn is minmax_qparams:
@@ -240,11 +246,11 @@ def test_degenerate_inputs_give_finite_params(fn, symmetric):
     x[2, 5] = -1e-30  # almost zero
     x[3] = torch.linspace(-1, 1, 16)
     for axis in (None, 0):
-        s, z = fn(x, -8, 7, symmetric, axis)
+        s, z = fn(x, -8, 7, symmetric, gran(axis))
         check_qparams(s, z, -8, 7, symmetric, () if axis is None else (4,))
         m = ref_mse(x, s, z, -8, 7, axis)
         assert np.all(np.isfinite(m))
-    s, z = fn(x, -8, 7, symmetric, 0)
+    s, z = fn(x, -8, 7, symmetric, PerChannel(0))
     assert s[0].item() == 1.0  # all-zero channel keeps the unit scale and quantizes exactly
     assert ref_mse(x, s, z, -8, 7, 0)[0] == 0.0
     assert ref_mse(x, s, z, -8, 7, 0)[1] <= (3.0 / 7 / 2) ** 2
@@ -254,6 +260,12 @@ def test_inputs_are_not_modified_and_grad_is_ignored():
     x = sample("student_t3", (2, 512), seed=0).requires_grad_(True)
     before = x.detach().clone()
     for fn in METHODS.values():
-        s, z = fn(x, -128, 127, False, 0)
+        s, z = fn(x, -128, 127, False, PerChannel(0))
         assert not s.requires_grad
     assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("fn", [minmax_qparams, lsq_fit_qparams, grid_search_qparams])
+def test_per_group_is_refused(fn):
+    with pytest.raises(ValueError, match="per tensor or per channel"):
+        fn(torch.randn(4, 64), -8, 7, True, PerGroup(32, axis=1))

@@ -99,7 +99,7 @@ def test_names_batch_axis_and_quantized_tensors_kept(exported):
     fp_tensors = {"input"} | {o for n in fp.graph.node for o in n.output}
     quantized = [n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"]
     assert quantized[0] == "input"  # the stem quantizer moved in front of its (now fused) pad
-    assert set(quantized) <= fp_tensors  # ort_analysis / trt_cache look these names up in the FP32 file
+    assert set(quantized) <= fp_tensors  # analysis.onnx_tensors / trt_cache look these names up in the FP32 file
 
 
 def test_parity_holds_after_cleaning(exported):

@@ -51,8 +51,8 @@ def test_w4_rounding_passes_recover_accuracy_and_export_with_parity(digits, roun
     recipe = _w4(lowbit.preset("int8"))
     timings = {}
     rtn = lowbit.quantize(copy.deepcopy(model), calib, recipe, calib[:1], show_progress=False)
-    q = pipeline.quantize_with_passes(copy.deepcopy(model), calib, recipe.with_passes(rounding, "bias_correction"),
-                                      calib[:1], show_progress=False, timings=timings)
+    q = pipeline.quantize(copy.deepcopy(model), calib, recipe.with_passes(rounding, "bias_correction"),
+                          calib[:1], show_progress=False, timings=timings)
     assert set(timings) == {"calibrate", rounding, "bias_correction"}
     with torch.no_grad():
         fp = _accuracy(model, x, y)
@@ -67,8 +67,8 @@ def test_w4_rounding_passes_recover_accuracy_and_export_with_parity(digits, roun
 def test_cle_runs_before_calibration_and_keeps_the_float_model(digits):
     model, calib, x, _ = digits
     timings = {}
-    q = pipeline.quantize_with_passes(copy.deepcopy(model), calib, lowbit.preset("int8").with_passes("cle"), calib[:1],
-                                      show_progress=False, timings=timings)
+    q = pipeline.quantize(copy.deepcopy(model), calib, lowbit.preset("int8").with_passes("cle"), calib[:1],
+                          show_progress=False, timings=timings)
     assert list(timings) == ["cle", "calibrate"]
     from lowbit.export.onnx_export import quantizers_disabled
 
@@ -88,7 +88,7 @@ def test_weight_only_per_group_int4_beats_round_to_nearest(rounding):
     recipe = recipe.with_rules(lowbit.LayerRule("re:.*", w4, None))  # weight-only: inputs stay float
     errors = {}
     for passes in ((), (rounding,)):
-        q = pipeline.quantize_with_passes(model, x, recipe.with_passes(*passes), x[:1], show_progress=False)
+        q = pipeline.quantize(model, x, recipe.with_passes(*passes), x[:1], show_progress=False)
         assert tuple(q.get_submodule("0").weight_quantizer.scale.shape) == (128, 2)  # one scale per 32 inputs
         with torch.no_grad():
             errors[passes] = float((q(x) - model(x)).pow(2).mean())

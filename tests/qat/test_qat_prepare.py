@@ -152,6 +152,25 @@ def test_convert_gives_the_ptq_kind_of_model_that_exports_with_parity(data, tmp_
     assert lowbit.check_onnx_parity(q, path, data[0]).ok
 
 
+def test_lowbit_convert_finishes_a_qat_model_like_qat_convert(data):
+    """One convert_: lowbit.convert_ on a QAT model does what qat.convert_ does (fold, freeze, link, eval)."""
+    q = _prepared(data, freeze_bn_step=3)
+    opt = torch.optim.AdamW(qat.param_groups(q, 1e-4), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(q(data[0]), data[1]).backward()
+        opt.step()
+    a, b = copy.deepcopy(q), q
+    a.lowbit_info = b.lowbit_info  # GraphModule.__deepcopy__ drops extra attributes
+    assert qat.convert_(a) is a and lowbit.convert_(b) is b
+    assert not b.training
+    assert [type(m) for _, m in quant_layers(b)] == [QuantConv2d, QuantLinear]
+    assert all(type(m) is TensorQuantizer for _, m in quantizers(b))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in b.modules())
+    with torch.no_grad():
+        assert torch.equal(a(data[0]), b(data[0]))
+
+
 class Branchy(nn.Module):
     def __init__(self):
         super().__init__()

@@ -11,7 +11,7 @@ from torch import nn
 
 import lowbit
 from lowbit.cli.main import main
-from lowbit.pipeline import quantize_to_dir
+from lowbit.jobs import quantize_to_dir
 from lowbit.report.evaluate import EvalSet
 
 HERE = Path(__file__).parent

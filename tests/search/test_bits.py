@@ -12,8 +12,8 @@ import lowbit
 from lowbit.analysis.metrics import accuracy, kl_softmax
 from lowbit.search import allocate_bits, front
 from lowbit.search.bits import measure_layers, option_specs
-from lowbit.search.evaluate import float_copy
-from lowbit.transforms.recipe import ORT_WEIGHT_BITS, LayerRule
+from lowbit.search.scoring import float_copy
+from lowbit.transforms.recipe import LayerRule, machine_weight_bits
 
 LAYERS = ["conv1", "res_conv1", "res_conv2", "down_conv", "fc"]
 # MACs per sample by hand: output elements x weights per output element (8x8 digits, stride-2 down_conv).
@@ -54,7 +54,7 @@ def test_recipe_size_and_metric_match_an_independent_recount(alloc, digits):
     q = lowbit.quantize(model, calib, alloc.recipe, calib[:1], show_progress=False)
     for name, b in alloc.bits.items():
         w, a = q.lowbit_info.recipe.resolve(name, type(getattr(model, name)).__name__)
-        assert w.bits == min(b["weight_bits"], ORT_WEIGHT_BITS) and a.bits == b["act_bits"]
+        assert w.bits == min(b["weight_bits"], machine_weight_bits()) and a.bits == b["act_bits"]
     with torch.no_grad():
         assert accuracy(q(x), y) == alloc.metric
     params = _params(model)
@@ -105,7 +105,7 @@ def test_option_specs_cap_8_bits_for_the_cpu_and_use_minmax_at_16(digits):
     layer = measure_layers(lowbit.quantize(digits[0], digits[1], r, digits[1][:1], show_progress=False),
                            digits[1][:1])[0]
     w, a = option_specs(r, layer, 8, 16)
-    assert w.bits == ORT_WEIGHT_BITS and w.granularity == r.default_weight.granularity
+    assert w.bits == machine_weight_bits() and w.granularity == r.default_weight.granularity
     assert a.bits == 16 and a.calibrator == "minmax"
     w, a = option_specs(r, layer, 2, 8)
     assert w.bits == 2 and a == r.default_input

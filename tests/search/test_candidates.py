@@ -9,7 +9,7 @@ import torch
 
 import lowbit
 from lowbit.search.candidates import CandidateBuilder, layer_pattern, quantized_layers
-from lowbit.transforms.recipe import LayerRule, _matches
+from lowbit.transforms.recipe import LayerRule, pattern_matches
 
 
 def _recipes(coarse):
@@ -69,9 +69,9 @@ def test_empty_calibration_data_is_refused(digits):
 @pytest.mark.parametrize("name", ["fc", "blocks.0.conv", "a[1]", "w*x", "type:odd", "re:odd"])
 def test_layer_pattern_matches_exactly_that_name(name):
     pat = layer_pattern(name)
-    assert _matches(pat, name, "Conv2d")
+    assert pattern_matches(pat, name, "Conv2d")
     for other in (name + "x", "x" + name, name.replace(".", "_") + "_"):
-        assert not _matches(pat, other, "Conv2d")
+        assert not pattern_matches(pat, other, "Conv2d")
 
 
 def test_quantized_layers_need_a_prepared_model(digits):

@@ -26,7 +26,7 @@ def found(digits, coarse):
 def _agreement(model, recipe, calib, x):
     q = lowbit.quantize(model, calib, recipe, calib[:1], show_progress=False)
     with torch.no_grad():
-        return top1_agreement(lowbit.search.evaluate.float_copy(q)(x), q(x))
+        return top1_agreement(lowbit.search.scoring.float_copy(q)(x), q(x))
 
 
 def test_target_met_and_recipe_reproduces_it(found, digits, coarse):
@@ -46,7 +46,7 @@ def test_no_smaller_float_set_meets_the_target(found, digits, coarse):
     x = x[:N_EVAL]
     builder = CandidateBuilder(model, calib, calib[:1])
     layers = [n for n, _ in quantized_layers(builder.build(coarse))]
-    ref = lowbit.search.evaluate.float_copy(builder.build(coarse))
+    ref = lowbit.search.scoring.float_copy(builder.build(coarse))
     with torch.no_grad():
         ref_out = ref(x)
         for k in range(len(found.float_layers)):
@@ -77,7 +77,7 @@ def test_quantized_ranking_is_the_one_layer_quantized_kl(digits, coarse):
     others = [n for n in scores if n != "fc"]
     q = lowbit.quantize(model, calib, coarse.keep_float(*others), calib[:1], show_progress=False)
     with torch.no_grad():
-        kl = kl_softmax(lowbit.search.evaluate.float_copy(q)(x[:64]), q(x[:64]))
+        kl = kl_softmax(lowbit.search.scoring.float_copy(q)(x[:64]), q(x[:64]))
     assert scores["fc"] == pytest.approx(kl, rel=1e-6)
     assert res.met
 

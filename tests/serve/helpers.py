@@ -121,7 +121,7 @@ def quantize_digits_dir(parent: Path, n_eval: int | None = None) -> Path:
     """``lowbit quantize --model digits-cnn --data digits`` into ``parent/digits``; its evaluation (and trusted)
     rows are the first ``n_eval`` test rows (all 449 with None)."""
     from lowbit import preset
-    from lowbit.pipeline import quantize_to_dir
+    from lowbit.jobs import quantize_to_dir
     from lowbit.report.evaluate import EvalSet
     from lowbit.zoo import load_data, load_model
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from lowbit.analysis import metrics
-from lowbit.export.ort_analysis import analyze_onnx
+from lowbit.analysis.onnx_tensors import analyze_onnx
 from lowbit.serve.codec import InputError, InputSpec, decode_json, decode_raw
 from lowbit.serve.config import Threshold
 from lowbit.serve.models import load_model_set

@@ -11,7 +11,7 @@ from lowbit.core import PerChannel, PerTensor
 from lowbit.nn.dynamic import QuantDynamicGRU, QuantDynamicLinear, QuantDynamicLSTM
 from lowbit.nn.embedding import QuantEmbedding
 from lowbit.transforms.dynamic import dynamic_layers, dynamic_recipe, quantize_dynamic_, quantize_embeddings_
-from lowbit.transforms.recipe import ORT_WEIGHT_BITS
+from lowbit.transforms.recipe import machine_weight_bits
 
 
 class Tagger(nn.Module):
@@ -54,8 +54,9 @@ def _copy(model):
 
 
 def test_default_recipe_is_per_token_with_engine_weight_bits():
-    r = dynamic_recipe()
-    assert r.default_weight.bits == ORT_WEIGHT_BITS and isinstance(r.default_weight.granularity, PerChannel)
+    assert dynamic_recipe().machine_weight_bits  # resolved when the job runs
+    r = dynamic_recipe().for_machine()
+    assert r.default_weight.bits == machine_weight_bits() and isinstance(r.default_weight.granularity, PerChannel)
     assert isinstance(r.default_input.granularity, PerChannel) and not r.default_input.signed
     assert isinstance(dynamic_recipe(per_token=False).default_input.granularity, PerTensor)
     q = quantize_dynamic_(nn.Sequential(nn.Linear(4, 4)).eval(), dynamic_recipe(per_token=False))

@@ -6,8 +6,10 @@ import re
 from dataclasses import replace
 
 import pytest
+import torch
 import yaml
 
+import lowbit
 from lowbit.core import PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.transforms.recipe import PRESETS, LayerRule, Recipe, load_recipe, preset, recipe_from_dict
 from lowbit.transforms.spec_yaml import spec_from_dict, spec_to_dict
@@ -155,3 +157,27 @@ def test_spec_errors_from_constructors():
     with pytest.raises(ValueError, match="rule pattern must be a non-empty string"):
         LayerRule("", None, None)
     assert PerTensor() == spec_from_dict({"granularity": "per_tensor"}, QuantSpec(granularity=PerChannel(0)), "s").granularity
+
+
+def test_presets_are_pure_and_weight_bits_follow_the_machine_when_a_job_runs(monkeypatch, tmp_path):
+    """On a CPU without VNNI (simulated) the int8 presets keep 8 bits as values; prepare_ / the jobs use 7."""
+    import lowbit.transforms.recipe as recipe_mod
+    from lowbit.nn import QuantLayerMixin
+
+    monkeypatch.setattr(recipe_mod, "machine_weight_bits", lambda: 7)
+    r = lowbit.preset("int8").with_rules(lowbit.LayerRule("fc", lowbit.preset("int8").default_weight, None))
+    assert r.default_weight.bits == 8 and r.machine_weight_bits
+    run = r.for_machine()
+    assert run.default_weight.bits == 7 and run.rules[0].weight.bits == 7 and not run.machine_weight_bits
+    assert run.for_machine() is run and "machine_weight_bits" not in run.to_yaml()
+    assert lowbit.preset("tensorrt-int8").for_machine().default_weight.bits == 8  # not a machine-bits preset
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("version: 1\ninput: {calibrator: minmax}\n")
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text("version: 1\nweight: {bits: 8}\n")
+    assert lowbit.load_recipe(plain).default_weight.bits == 7  # a file is read when its job runs
+    assert lowbit.load_recipe(explicit).default_weight.bits == 8
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    q = lowbit.prepare_(model, lowbit.preset("int8"), torch.randn(1, 4))
+    assert [m.weight_quantizer.spec.bits for m in q.modules() if isinstance(m, QuantLayerMixin)] == [7]
+    assert q.lowbit_info.recipe.default_weight.bits == 7

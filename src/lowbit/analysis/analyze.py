@@ -26,8 +26,8 @@ from lowbit.analysis.layerwise import (ErrorStats, QuantizerSwitch, Site, call_s
 from lowbit.analysis.metrics import top1_agreement
 from lowbit.analysis.sensitivity import gradient_scores, sweep_sensitivity
 from lowbit.analysis.verdict import flags_of, median_isolated, verdict
-from lowbit.ptq.calibrate import iter_batches, run_batch
-from lowbit.ptq.quantize import quantize
+from lowbit.data import iter_batches, run_batch
+from lowbit.ptq.passes import quantize
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ all the data at once:
     SQNR = 10 · log10(Σ ref² / Σ (ref − out)²)     cosine = Σ ref·out / sqrt(Σ ref² · Σ out²)
     MSE  = Σ (ref − out)² / n
 
-During the analysis the engine-kernel emulation is unlinked (``_engine_output`` of layers, the quantizers
-of ``QuantAdd``): the emulation fuses the *consumer's* input quantizer (and a ReLU) into the layer's output,
-which would make a layer's output incomparable with its FP32 output. The error of that requantization
+During the analysis the engine-kernel emulation is switched off (``lowbit.nn.set_engine_emulation``): the
+emulation fuses the *consumer's* input quantizer (and a ReLU) into the layer's output, which would make a layer's output incomparable with its FP32 output. The error of that requantization
 is attributed to the consumer's input quantizer instead.
 """
 
@@ -32,8 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from lowbit.nn import QuantLayerMixin, TensorQuantizer
-from lowbit.nn.functional import QuantAdd
+from lowbit.nn import QuantLayerMixin, TensorQuantizer, set_engine_emulation
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +124,7 @@ class Site:
 
 def unlink_engine(model: nn.Module) -> None:
     """Remove the engine-kernel links (see module doc) so every site computes in plain fake-quant float."""
-    for m in model.modules():
-        if isinstance(m, QuantLayerMixin):
-            m.__dict__["_engine_output"] = None
-        elif isinstance(m, QuantAdd):
-            m.__dict__["_quantizers"] = None
+    set_engine_emulation(model, False)
 
 
 def _act_quantizer(gm: fx.GraphModule, node) -> TensorQuantizer | None:

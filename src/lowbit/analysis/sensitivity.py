@@ -32,7 +32,7 @@ from torch import nn
 
 from lowbit.analysis.layerwise import QuantizerSwitch, Site, first_output
 from lowbit.analysis.metrics import top1_agreement
-from lowbit.ptq.calibrate import iter_batches, run_batch
+from lowbit.data import iter_batches, run_batch
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Cumulative error of every quantized activation as the PyTorch simulation computes it.
 
-This is the simulation's side of ``export.ort_analysis`` (which reads the same tensors from ONNX Runtime).
+This is the simulation's side of ``analysis.onnx_tensors`` (which reads the same tensors from ONNX Runtime).
 Every *call* of an active activation quantizer (weight quantizers excluded) quantizes one tensor; the calls
 are numbered in execution order, the order in which the ONNX export writes their ``QuantizeLinear`` nodes.
 For each call:

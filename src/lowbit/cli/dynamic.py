@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit.cli.sources import load_data_source, load_model_source
-from lowbit.pipeline_dynamic import quantize_mode_to_dir
-from lowbit.report.embedding import EMBEDDING_METRIC, summary_rows
+from lowbit.jobs import quantize_to_dir
+from lowbit.report.token_models import EMBEDDING_METRIC, summary_rows
+from lowbit.report.evaluate import EvalSet
 from lowbit.transforms.dynamic import dynamic_recipe
 from lowbit.transforms.recipe import load_recipe
 
@@ -48,9 +49,9 @@ def run_mode_quantize(args: argparse.Namespace, model_spec: str, data_spec: str,
 
         calib = length_batches(calib)
     labels = {"model": src.name, "data": data_spec, "recipe": recipe_spec}
-    result = quantize_mode_to_dir(src.model, src.example_input, calib if mode == "static" else None, recipe, args.out,
-                                  ev.inputs, mode=mode, embedding=embedding, force=args.force, labels=labels,
-                                  threads=args.threads, repeats=args.repeats, note=ev.note)
+    result = quantize_to_dir(src.model, src.example_input, calib if mode == "static" else None, recipe, args.out,
+                             EvalSet(ev.inputs, note=ev.note), force=args.force, labels=labels, threads=args.threads,
+                             repeats=args.repeats, mode=mode, embedding=embedding)
     table = Table(title=f"lowbit: {src.name} → {mode} INT8 ({recipe_spec})")
     for col in ("measure", "FP32", "quantized (ONNX Runtime)"):
         table.add_column(col)

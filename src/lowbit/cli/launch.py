@@ -28,10 +28,10 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import nn
 
-from lowbit.pipeline import check_output_dir
-from lowbit.ptq.calibrate import Data
+from lowbit.outdir import check_output_dir
+from lowbit.data import Data
 from lowbit.ptq.distributed import env_world_size, init_from_env, rank_and_world, sharded_forward_loop
-from lowbit.ptq.quantize import quantize
+from lowbit.ptq.passes import quantize
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,9 @@ from lowbit.cli.qat import add_qat_args, run_qat
 from lowbit.cli.search_args import add_search_args, run_search
 from lowbit.cli.serve import add_recalibrate_args, add_serve_args, run_recalibrate, run_serve
 from lowbit.cli.sources import SourceError, load_data_source, load_eval_fn, load_model_source
+from lowbit.jobs import quantize_to_dir
 from lowbit.observers import OBSERVERS
-from lowbit.pipeline import OutputExistsError, quantize_to_dir
+from lowbit.outdir import OutputExistsError
 from lowbit.report.evaluate import EvalSet
 from lowbit.report.render import summary_rows
 from lowbit.transforms.recipe import PRESETS, load_recipe

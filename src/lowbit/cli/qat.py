@@ -1,14 +1,8 @@
-"""``lowbit qat``: fine-tune with quantization in the loop, then write what ``quantize`` writes.
+"""``lowbit qat``: parse the options into :func:`lowbit.jobs.qat.run_qat`, run it and print the training log.
 
     lowbit qat --model M --data D --recipe R --epochs E --out DIR [--distill [kl|mse]] [--nproc N] [--force]
 
-The job: PTQ calibration of a QAT-prepared copy (``--init ptq``, the default, so training starts at the PTQ
-accuracy; ``--init observer`` starts from EMA observers instead) → training (AdamW, the three-phase
-schedule, labels or distillation from the FP32 model) with the simulated metric after every epoch →
-``convert_`` → the same ONNX export, parity check and ONNX Runtime report as ``quantize``. ``DIR`` gets
-``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.yaml``, ``report.json`` and ``report.md`` (both with a
-training log: one line per epoch) and ``checkpoint.pt`` (the QAT model before conversion, optimizer and
-schedule; ``lowbit.qat.train.load_checkpoint`` resumes from it).
+The job (:mod:`lowbit.jobs.qat`) writes what ``quantize`` writes plus ``checkpoint.pt`` and a training log.
 
 Training data: the ``digits`` train split (with labels); for ``photos``, 256 views of the calibration photos
 drawn with another seed than the calibration views (no labels); for a folder or a tensor file, its inputs
@@ -18,35 +12,19 @@ drawn with another seed than the calibration views (no labels); for a folder or 
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime as _dt
-import logging
-import time
 from pathlib import Path
 
-import onnxruntime
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from lowbit.analysis import metrics
 from lowbit.cli.launch import is_writer, shard_calibration
-from lowbit.cli.sources import load_data_source, load_eval_fn, load_model_source
-from lowbit.observers import OBSERVERS
-from lowbit.export.onnx_export import export_onnx
-from lowbit.export.trt_cache import write_trt_calibration_cache
-from lowbit.outdir import staged_output
-from lowbit.pipeline import __version__, _float_layers, check_output_dir, machine_description
-from lowbit.qat import QATConfig, convert_, prepare_qat_
+from lowbit.cli.sources import add_source_args, load_data_source, load_eval_fn, load_model_source
+from lowbit.jobs.qat import QATSettings, run_qat as run_qat_job
 from lowbit.qat.distill import DISTILL_LOSSES
-from lowbit.qat.train import TrainConfig, TrainState, save_checkpoint, train_qat
-from lowbit.ptq.distributed import rank_and_world
-from lowbit.report.evaluate import EvalSet, evaluate_pair, torch_predict
-from lowbit.report.render import to_json, to_markdown
-from lowbit.transforms.recipe import PRESETS, load_recipe
-from lowbit.zoo import DATA_NAMES, MODEL_NAMES
+from lowbit.report.evaluate import EvalSet
+from lowbit.transforms.recipe import load_recipe
 
-log = logging.getLogger(__name__)
 console = Console()
 PHOTOS_N_TRAIN = 256
 PHOTOS_TRAIN_SEED = 1
@@ -54,10 +32,7 @@ PHOTOS_TRAIN_SEED = 1
 
 def add_qat_args(p: argparse.ArgumentParser) -> None:
     """The ``qat`` subcommand's options."""
-    p.add_argument("--model", required=True, help=f"zoo name ({', '.join(MODEL_NAMES)}) or package.module:callable")
-    p.add_argument("--data", required=True, help=f"zoo data ({', '.join(DATA_NAMES)}), an image folder, or a .npy/.pt file")
-    p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
-    p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")
+    add_source_args(p)
     p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--distill", nargs="?", const="kl", default=None, choices=sorted(DISTILL_LOSSES),
@@ -101,120 +76,28 @@ def training_data(spec: str, calib: torch.Tensor, n_train: int | None) -> tuple[
     return x, None, f"the {len(x)} inputs of {spec} (no labels)"
 
 
-def _evaluator(ev: EvalSet, reference: torch.Tensor, eval_fn):
-    """``evaluate(model) -> metric`` in the PyTorch simulation (eval mode, restored afterwards)."""
-
-    def evaluate(model) -> float:
-        was_training = model.training
-        model.eval()
-        try:
-            predict = torch_predict(model)
-            if eval_fn is not None:
-                return float(eval_fn(predict))
-            out = predict(ev.inputs)
-            return metrics.accuracy(out, ev.labels) if ev.labels is not None else metrics.top1_agreement(reference, out)
-        finally:
-            model.train(was_training)
-    return evaluate
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.observer_steps < 0:
-        raise ValueError(f"--observer-steps must be >= 0, got {args.observer_steps}")
-
-
-def training_markdown(training: dict) -> str:
-    """The report.md section with the training set-up and one line per epoch."""
-    lines = ["", "## Training log (QAT)", "",
-             f"{training['epochs']} epochs on {training['train_data']}, batch {training['batch_size']}, AdamW lr "
-             f"{training['lr']:g} with the {training['schedule']} schedule, "
-             f"{'distillation (' + training['distill'] + ') from FP32' if training['distill'] else 'labels (cross-entropy)'}, "
-             f"ranges from {training['init']}, {training['nproc']} process(es), {training['train_seconds']:.1f} s. "
-             "Metrics are the PyTorch simulation on the evaluation set; the table above is ONNX Runtime.",
-             "", "| epoch | loss | lr (end) | metric (simulated) | seconds |", "|---:|---:|---:|---:|---:|",
-             f"| 0 (start) | | | {training['metric_start']:.4f} | |"]
-    for e in training["log"]:
-        metric = "" if e["metric"] is None else f"{e['metric']:.4f}"
-        lines.append(f"| {e['epoch']} | {e['loss']:.4f} | {e['lr']:.3g} | {metric} | {e['seconds']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_models(staging: Path, float_model, qmodel, example: torch.Tensor, recipe) -> tuple[Path, Path]:
-    """``model_fp32.onnx`` from the *original* float model (QAT changed the weights of ``qmodel``),
-    ``model_int8.onnx`` from the converted one, ``recipe.yaml`` (and the TensorRT cache)."""
-    fp32_path, int8_path = staging / "model_fp32.onnx", staging / "model_int8.onnx"
-    export_onnx(float_model, example, fp32_path, target=recipe.target, float_model=True)
-    export_onnx(qmodel, example, int8_path, target=recipe.target, check_parity=False)  # parity: in the report
-    if recipe.target == "tensorrt":
-        write_trt_calibration_cache(int8_path, staging / "calibration.cache")
-    (staging / "recipe.yaml").write_text(recipe.to_yaml())
-    return fp32_path, int8_path
-
-
-def _write(args, qmodel, teacher, src, recipe, ev: EvalSet, state: TrainState, training: dict, labels: dict) -> dict:
-    out_dir = Path(args.out)
-    with staged_output(out_dir, args.force) as staging:
-        save_checkpoint(staging / "checkpoint.pt", qmodel, state, recipe=recipe.to_yaml(), training=training)
-        convert_(qmodel)
-        fp32_path, int8_path = write_models(staging, teacher, qmodel, src.example_input, recipe)
-        report = dict(labels)
-        report.update(evaluate_pair(fp32_path, int8_path, qmodel, ev, args.threads, args.repeats))
-        report.update({
-            "target": recipe.target, "calib_seconds": training["calib_seconds"], "float_layers": _float_layers(qmodel),
-            "training": training, "lowbit_version": __version__, "onnxruntime_version": onnxruntime.__version__,
-            "torch_version": torch.__version__, "machine": machine_description(), "date": _dt.date.today().isoformat(),
-        })
-        (staging / "report.json").write_text(to_json(report))
-        (staging / "report.md").write_text(to_markdown(report) + training_markdown(training))
-    return report
-
-
 def run_qat(args: argparse.Namespace) -> int:
-    """The ``qat`` job on this rank (rank 0 writes ``--out``; other ranks train and exit)."""
-    _check_args(args)
+    """The ``qat`` command on this rank (rank 0 writes ``--out`` and prints; other ranks train and exit)."""
+    settings = QATSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, distill=args.distill,
+                           temperature=args.temperature, init=args.init, observer_steps=args.observer_steps,
+                           freeze_bn_step=args.freeze_bn_step, weight_init=args.weight_init, seed=args.seed)
+    settings.check()
     recipe = load_recipe(args.recipe)
     if args.calibrator:
         recipe = recipe.with_calibrator(args.calibrator)
     src = load_model_source(args.model, args.input_shape)
     calib, ev = load_data_source(args.data, src, args.n_calib, args.n_eval)
     train_x, train_y, train_note = training_data(args.data, calib, args.n_train)
-    distill = args.distill or (None if train_y is not None else "kl")
     eval_fn = load_eval_fn(args.eval)
     if eval_fn is not None:
         ev = EvalSet(ev.inputs, ev.labels, eval_fn, metric_name=args.eval, note=ev.note)
-    if is_writer():
-        check_output_dir(Path(args.out), args.force)
-    teacher = copy.deepcopy(src.model).eval()
-    reference = torch_predict(teacher)(ev.inputs)
-    evaluate = _evaluator(ev, reference, eval_fn)
-    config = QATConfig(observer_steps=args.observer_steps, freeze_bn_step=args.freeze_bn_step, weight_init=args.weight_init)
-    t0 = time.perf_counter()
-    qmodel = prepare_qat_(copy.deepcopy(src.model).eval(), recipe, src.example_input, config,
-                          from_ptq=args.init == "ptq", calib_data=shard_calibration(calib, recipe))
-    calib_seconds = time.perf_counter() - t0
-    metric_start = evaluate(qmodel) if is_writer() else float("nan")
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, distill=distill,
-                            temperature=args.temperature, seed=args.seed)
-    t0 = time.perf_counter()
-    state = train_qat(qmodel, train_x, None if distill else train_y, teacher if distill else None, train_cfg,
-                      evaluate)
-    training = {
-        "method": "qat", "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "schedule": train_cfg.schedule, "distill": distill, "temperature": args.temperature, "init": args.init,
-        "observer_steps": args.observer_steps, "freeze_bn_step": args.freeze_bn_step, "weight_init": args.weight_init,
-        "nproc": rank_and_world()[1], "train_data": train_note, "train_samples": int(len(train_x)),
-        "calib_seconds": calib_seconds, "train_seconds": time.perf_counter() - t0, "metric_name": ev.metric_name,
-        "metric_start": metric_start, "log": [e.to_dict() for e in state.log],
-    }
-    if not is_writer():
-        return 0
     labels = {"model": src.name, "data": args.data, "recipe": args.recipe, "calibrator": recipe.default_input.calibrator,
               "method": "qat"}
-    report = _write(args, qmodel, teacher, src, recipe, ev, state, training, labels)
-    print_training(report, Path(args.out))
+    result = run_qat_job(src.model, src.example_input, shard_calibration(calib, recipe), ev, recipe, args.out,
+                         train_x, train_y, train_note, settings, force=args.force, labels=labels,
+                         threads=args.threads, repeats=args.repeats)
+    if is_writer():
+        print_training(result.report, Path(args.out))
     return 0
 
 

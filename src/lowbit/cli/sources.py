@@ -7,6 +7,7 @@ Model ``M``: a zoo name (``efficientnet-lite0``, ``digits-cnn``) or ``package.mo
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from lowbit import zoo
-from lowbit.zoo.efficientnet import MEAN_RGB, STD_RGB
-from lowbit.report.embedding import EMBEDDING_METRIC
+from lowbit.observers import OBSERVERS
 from lowbit.report.evaluate import EvalFn, EvalSet
+from lowbit.report.token_models import EMBEDDING_METRIC
+from lowbit.transforms.recipe import PRESETS
+from lowbit.zoo import DATA_NAMES, MODEL_NAMES
+from lowbit.zoo.efficientnet import MEAN_RGB, STD_RGB
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +180,11 @@ def check_shapes(spec: str, data: torch.Tensor, model: ModelSource) -> None:
 def load_eval_fn(spec: str | None) -> EvalFn | None:
     """``--eval module:function``; the function receives ``predict(x) -> logits`` and returns a float."""
     return None if spec is None else _import_callable(spec, "eval function")
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--data``, ``--recipe`` and ``--calibrator``, as every job command takes them."""
+    p.add_argument("--model", required=True, help=f"zoo name ({', '.join(MODEL_NAMES)}) or package.module:callable")
+    p.add_argument("--data", required=True, help=f"zoo data ({', '.join(DATA_NAMES)}), an image folder, or a .npy/.pt file")
+    p.add_argument("--recipe", default="int8", help=f"preset ({', '.join(PRESETS)}) or a YAML recipe file")
+    p.add_argument("--calibrator", default=None, choices=sorted(OBSERVERS), help="activation calibrator (overrides the recipe)")

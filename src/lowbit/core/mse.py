@@ -1,4 +1,4 @@
-"""MSE-optimal scale and zero-point for a tensor (per-tensor or along one channel axis).
+"""MSE-optimal scale and zero-point for a tensor, per tensor (``PerTensor()``) or per channel (``PerChannel(axis)``).
 
 Two solvers, both starting from min-max and never returning worse than it:
 
@@ -18,6 +18,16 @@ from __future__ import annotations
 import torch
 
 from lowbit.core.affine import SCALE_EPS, choose_qparams, quantize, quantize_dequantize
+from lowbit.core.spec import Granularity, PerChannel, PerTensor
+
+
+def _axis(granularity: Granularity) -> int | None:
+    """The channel axis of a per-channel granularity, None per tensor (per-group fits are not supported)."""
+    if isinstance(granularity, PerTensor):
+        return None
+    if isinstance(granularity, PerChannel):
+        return granularity.axis
+    raise ValueError(f"MSE fits are per tensor or per channel, got {granularity}")
 
 
 def _stats_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
@@ -51,14 +61,15 @@ def _keep_best(err, scale, zp, best, best_s, best_z):
     return torch.where(better, err, best), torch.where(better, scale, best_s), torch.where(better, zp, best_z)
 
 
-def minmax_qparams(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, axis: int | None = None):
-    """Plain min-max scale and zero-point (per-tensor, or per index along ``axis``)."""
+def minmax_qparams(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, granularity: Granularity = PerTensor()):
+    """Plain min-max scale and zero-point (per tensor, or per index along the channel axis)."""
+    axis = _axis(granularity)
     dims = _stats_dims(x, axis)
     return choose_qparams(_reduce(x, "amin", dims), _reduce(x, "amax", dims), qmin, qmax, symmetric)
 
 
 def lsq_fit_qparams(
-    x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, axis: int | None = None, iters: int = 20
+    x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, granularity: Granularity = PerTensor(), iters: int = 20
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterated closed-form least-squares scale / zero-point (see module docstring).
 
@@ -66,8 +77,9 @@ def lsq_fit_qparams(
         ``(scale, zero_point)`` of the best MSE seen, shaped like the per-channel statistics.
     """
     x = x.detach().float()
+    axis = _axis(granularity)
     dims = _stats_dims(x, axis)
-    scale, zp = minmax_qparams(x, qmin, qmax, symmetric, axis)
+    scale, zp = minmax_qparams(x, qmin, qmax, symmetric, granularity)
     best_s, best_z, best = scale, zp, _mse(x, scale, zp, qmin, qmax, axis)
     for _ in range(iters):
         q = quantize(x, _view(scale, x, axis), _view(zp, x, axis), qmin, qmax).float()
@@ -90,7 +102,7 @@ def grid_search_qparams(
     qmin: int,
     qmax: int,
     symmetric: bool,
-    axis: int | None = None,
+    granularity: Granularity = PerTensor(),
     num_candidates: int = 100,
     min_ratio: float = 0.2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +111,7 @@ def grid_search_qparams(
     Ratios are ``linspace(min_ratio, 1, num_candidates)``; α = 1 is min-max, so the result is never worse.
     """
     x = x.detach().float()
+    axis = _axis(granularity)
     dims = _stats_dims(x, axis)
     lo, hi = _reduce(x, "amin", dims), _reduce(x, "amax", dims)
     best_s, best_z = choose_qparams(lo, hi, qmin, qmax, symmetric)

@@ -27,26 +27,11 @@ from lowbit.export.optimize import clean_onnx
 from lowbit.export.runtime import ParityResult, make_session, run_session
 from lowbit.export.segment_parity import parity_with_segments
 from lowbit.nn import QuantLayerMixin, TensorQuantizer, quantizers_disabled  # noqa: F401 (re-exported)
+from lowbit.nn import export_form as export_mode  # noqa: F401 (the name export callers use)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = INT8_OPSET
-
-
-@contextlib.contextmanager
-def export_mode(model: nn.Module):
-    """Switch quantizers and quantized layers to their ONNX form for the duration of the block."""
-    mods = [m for m in model.modules() if isinstance(m, (TensorQuantizer, QuantLayerMixin))]
-    for m in mods:
-        m.export_mode = True
-        active = m.is_active if isinstance(m, TensorQuantizer) else m.weight_quantizer.is_active
-        m.__dict__["_export_tensors"] = m.export_tensors() if active else None
-    try:
-        yield model
-    finally:
-        for m in mods:
-            m.export_mode = False
-            m.__dict__.pop("_export_tensors", None)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

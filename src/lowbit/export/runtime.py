@@ -56,6 +56,26 @@ def run_session(session: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(session.run(None, input_feed(session, x))[0]))
 
 
+def batched_predict(session: ort.InferenceSession, batch_size: int = 32):
+    """A ``predict(x)`` that runs an ONNX Runtime session in batches."""
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([run_session(session, chunk) for chunk in torch.split(x, batch_size)])
+
+    return predict
+
+
+def with_extra_outputs(model: onnx.ModelProto, extra: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``extra`` (name → ONNX element type)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
+    for name, elem in extra.items():
+        if name not in present:
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return copy
+
+
 def optimized_graph(path: str | Path, threads: int = 2) -> onnx.ModelProto:
     """The graph ONNX Runtime actually executes after its optimisations (CPU provider, full optimisation)."""
     with tempfile.TemporaryDirectory() as tmp:

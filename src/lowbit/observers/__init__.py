@@ -2,7 +2,7 @@
 ``state``/``merge``; MinMax, EMA MinMax, mean ± kσ and an exact mergeable histogram with pure rules
 (percentile, TensorRT entropy, MSE)."""
 
-from lowbit.observers import rules
+from lowbit.observers import histogram_rules as rules
 from lowbit.observers.base import Observer
 from lowbit.observers.histogram import EntropyObserver, HistogramObserver, MSEObserver, PercentileObserver
 from lowbit.observers.meanstd import MeanStdObserver

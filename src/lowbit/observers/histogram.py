@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lowbit.core import PerTensor, QuantSpec
-from lowbit.observers import rules
+from lowbit.observers import histogram_rules as rules
 from lowbit.observers.base import Observer
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class HistogramObserver(Observer):
 
     Args:
         bins: a power of two ≥ 16; the |x| range spans ``bins`` to ``2·bins`` bins (2048 → 2048..4096).
-        rule: ``"entropy"`` (TensorRT KL), ``"percentile"`` or ``"mse"`` (see :mod:`lowbit.observers.rules`).
+        rule: ``"entropy"`` (TensorRT KL), ``"percentile"`` or ``"mse"`` (see :mod:`lowbit.observers.histogram_rules`).
         percentile: for the percentile rule, in [50, 100].
         num_quantized_bins: entropy rule's ``n_q``; None derives it from the spec and the data's sign
             (:func:`rules.quantized_bins`: 128 for int8).

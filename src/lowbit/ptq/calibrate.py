@@ -1,47 +1,22 @@
 """``calibrate``: stream data through a prepared model so every quantizer's observer sees it.
 
-Data enters as any iterable of batches or as a ``forward_loop(model)`` callable; lowbit never owns a
-DataLoader. A batch that is a Tensor is passed as ``model(batch)``; a tuple/list as ``model(batch[0])``
-(the usual ``(inputs, labels)`` pair); a dict as ``model(**batch)``. A single Tensor holding the whole set
-is cut into batches of ``batch_size`` along dim 0.
+Data is fed as :mod:`lowbit.data` describes: any iterable of batches, one Tensor of inputs, or a
+``forward_loop(model)`` callable.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from lowbit.data import Data, iter_batches, run_batch  # noqa: F401 (Data re-exported)
 from lowbit.transforms.prepare import start_calibration_
 
 log = logging.getLogger(__name__)
-
-Data = Iterable[Any] | Callable[[nn.Module], Any] | torch.Tensor
-
-
-def iter_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 32) -> Iterator[Any]:
-    """Batches of ``data``; a single Tensor is split along dim 0."""
-    if isinstance(data, torch.Tensor):
-        if data.ndim > 0 and data.shape[0] == 0:
-            return  # torch.split would yield one empty batch; no batch lets calibrate report empty data
-        yield from torch.split(data, batch_size)
-    else:
-        yield from data
-
-
-def run_batch(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on one batch following the conventions in the module docstring."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    if isinstance(batch, dict):
-        return model(**batch)
-    raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model; pass a forward_loop callable")
 
 
 def _total(data: Any, batch_size: int) -> int | None:

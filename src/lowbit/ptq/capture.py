@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.nn import QuantLayerMixin
-from lowbit.nn.functional import QuantAdd
-from lowbit.ptq.calibrate import iter_batches, run_batch
+from lowbit.nn import QuantLayerMixin, engine_emulation
+from lowbit.data import iter_batches, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -150,38 +149,13 @@ def layer_order(model: nn.Module, loop: ForwardLoop) -> list[tuple[str, QuantLay
 
 
 @contextlib.contextmanager
-def engine_emulation_off(model: nn.Module):
-    """Run every layer and add of ``model`` as plain fake-quant float instead of the engine's exact integer
-    kernels (which need float64 convolutions when the accumulator may pass 2^24, several times slower).
-
-    The two differ only where a value lies within float error of a rounding tie; the passes' statistics do
-    not notice, and their many partial forward passes become affordable. Links are restored on exit.
-    """
-    saved = {}
-    for m in model.modules():
-        key = "_engine_output" if isinstance(m, QuantLayerMixin) else "_quantizers" if isinstance(m, QuantAdd) else None
-        if key is not None:
-            saved[m] = (key, m.__dict__.get(key))
-            m.__dict__[key] = None
-    try:
-        yield model
-    finally:
-        for m, (key, value) in saved.items():
-            m.__dict__[key] = value
-
-
-@contextlib.contextmanager
 def engine_unlinked(*layers: QuantLayerMixin):
     """Compute ``layers`` in plain fake-quant float (their own pre-activation output), not as the engine's
     fused kernel (whose output is already the next quantizer's codes)."""
-    saved = [m.__dict__.get("_engine_output") for m in layers]
-    for m in layers:
-        m.__dict__["_engine_output"] = None
-    try:
+    with contextlib.ExitStack() as stack:
+        for m in layers:
+            stack.enter_context(engine_emulation(m, False))
         yield
-    finally:
-        for m, s in zip(layers, saved):
-            m.__dict__["_engine_output"] = s
 
 
 def groups_of(layer: nn.Module) -> int:

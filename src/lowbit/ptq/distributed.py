@@ -34,19 +34,13 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.nn import QuantState, TensorQuantizer
-from lowbit.ptq.calibrate import Data, calibrate, iter_batches, run_batch
+from lowbit.data import Data, iter_batches, rank_and_world, run_batch
+from lowbit.ptq.calibrate import calibrate
 
 log = logging.getLogger(__name__)
 
 ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 DEFAULT_TIMEOUT_S = 1800
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group; ``(0, 1)`` when none is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def env_world_size() -> int:

@@ -3,10 +3,8 @@
     prepare_ → cle → calibrate → convert_ → adaround | gptq → bias_correction → (bias range refit)
 
 A recipe names the passes it wants (``passes: [cle, bias_correction, adaround]``); they always run in the
-order above, whatever order they are listed in, because each one needs what the previous produced:
-CLE changes float weights (before ranges are measured), AdaRound / GPTQ round weights on the frozen grid,
-bias correction then removes the mean error that is left. Every pass has the signature
-``apply(model, forward_loop)``.
+order of :data:`lowbit.transforms.pass_registry.PASS_REGISTRY` (name → handler and stage), whatever order they
+are listed in. Every pass has the signature ``apply(model, forward_loop)``.
 """
 
 from __future__ import annotations
@@ -14,53 +12,35 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from lowbit.ptq import adaround, bias_correction, cle, gptq
-from lowbit.ptq.calibrate import Data, calibrate
-from lowbit.ptq.capture import ForwardLoop, engine_emulation_off
+from lowbit.data import Data
+from lowbit.nn import engine_emulation
+from lowbit.ptq.calibrate import calibrate
+from lowbit.ptq.capture import ForwardLoop
 from lowbit.ptq.recurrent import check_recurrent
+from lowbit.transforms.pass_registry import PASS_REGISTRY, POST_CALIBRATION, PRE_CALIBRATION, ordered
 from lowbit.transforms.prepare import convert_, prepare_, quant_layers
 from lowbit.transforms.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-PRE_CALIBRATION: tuple[str, ...] = ("cle",)
-POST_CALIBRATION: tuple[str, ...] = ("adaround", "gptq", "bias_correction")
-PASS_FUNCTIONS: dict[str, Callable[[nn.Module, ForwardLoop], nn.Module]] = {
-    "cle": cle.apply,
-    "adaround": adaround.apply,
-    "gptq": gptq.apply,
-    "bias_correction": bias_correction.apply,
-}
-
-
-def ordered(passes: tuple[str, ...] | list[str]) -> list[str]:
-    """The named passes in pipeline order (unknown names and adaround+gptq together are refused)."""
-    unknown = [p for p in passes if p not in PASS_FUNCTIONS]
-    if unknown:
-        raise ValueError(f"unknown pass {unknown[0]!r}; known passes: {', '.join(PASS_FUNCTIONS)}")
-    if "adaround" in passes and "gptq" in passes:
-        raise ValueError("passes adaround and gptq both choose the weight rounding; name only one")
-    return [p for p in PRE_CALIBRATION + POST_CALIBRATION if p in passes]
-
-
 def run_passes(model: nn.Module, names: list[str], loop: ForwardLoop, timings: dict[str, float]) -> None:
     """Run ``names`` (already ordered) on ``model``, recording seconds per pass into ``timings``."""
     for name in names:
         t0 = time.perf_counter()
-        PASS_FUNCTIONS[name](model, loop)
+        PASS_REGISTRY[name].load()(model, loop)
         timings[name] = time.perf_counter() - t0
         log.info("pass %s: %.1f s", name, timings[name])
 
 
-def quantize_with_passes(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
-                         show_progress: bool = True, pass_batches: int | None = None,
-                         timings: dict[str, float] | None = None) -> nn.Module:
-    """prepare_ → passes / calibrate / convert_ in pipeline order, on a copy of ``model``.
+def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
+             show_progress: bool = True, pass_batches: int | None = None,
+             timings: dict[str, float] | None = None) -> nn.Module:
+    """prepare_ → calibrate → convert_ on a copy of ``model``, with the recipe's passes in pipeline order;
+    returns the converted (fake-quantized) model (``lowbit.quantize``).
 
     Args:
         pass_batches: the passes see at most this many calibration batches (None: all); calibration itself
@@ -78,13 +58,13 @@ def quantize_with_passes(model: nn.Module, calib_data: Data, recipe: Recipe, exa
     if info is not None:
         info.float_layers.extend(k for k in kept_recurrent if k[0] not in {n for n, _ in info.float_layers})
     loop = ForwardLoop(calib_data, max_batches=pass_batches)
-    run_passes(prepared, [n for n in names if n in PRE_CALIBRATION], loop, timings)
+    run_passes(prepared, [n for n in names if PASS_REGISTRY[n].stage == PRE_CALIBRATION], loop, timings)
     t0 = time.perf_counter()
     calibrate(prepared, calib_data, show_progress=show_progress)
     convert_(prepared)
     timings["calibrate"] = time.perf_counter() - t0
-    post = [n for n in names if n in POST_CALIBRATION]
-    with engine_emulation_off(prepared):
+    post = [n for n in names if PASS_REGISTRY[n].stage == POST_CALIBRATION]
+    with engine_emulation(prepared, False):
         run_passes(prepared, post, loop, timings)
     if post:
         for name, layer in quant_layers(prepared):

@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from lowbit.ptq.calibrate import Data, iter_batches, run_batch
-from lowbit.transforms.recipe import _matches
+from lowbit.data import Data, iter_batches, run_batch
+from lowbit.transforms.recipe import pattern_matches
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def linear_groups(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> dict[fx.Nod
         if node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.Linear:
             continue
         name = str(node.target)
-        if any(_matches(p, name, "Linear") for p in skip) or not isinstance(node.args[0], fx.Node):
+        if any(pattern_matches(p, name, "Linear") for p in skip) or not isinstance(node.args[0], fx.Node):
             continue
         groups.setdefault(node.args[0], []).append(name)
     return groups

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from lowbit.nn import QuantLayerMixin, QuantState
-from lowbit.ptq.calibrate import Data, iter_batches, run_batch
+from lowbit.data import Data, iter_batches, run_batch
 from lowbit.qat.config import QATConfig
 from lowbit.qat.layers import BN_SIMULATED, QATLayerMixin, to_qat_
 from lowbit.qat.quantizer import LearnableQuantizer
@@ -34,6 +34,7 @@ from lowbit.transforms.prepare import (
     prepare_,
     quant_layers,
     quantizers,
+    register_convert_hook,
 )
 from lowbit.transforms.recipe import Recipe
 
@@ -201,6 +202,7 @@ def prepare_qat_(
     """
     if from_ptq and calib_data is None:
         raise ValueError("prepare_qat_(from_ptq=True) needs calib_data")
+    recipe = recipe.for_machine()
     if recipe.passes:
         log.warning("prepare_qat_ does not run post-training passes; recipe passes %s are ignored", ", ".join(recipe.passes))
     try:
@@ -219,20 +221,37 @@ def prepare_qat_(
     return prepared.train()
 
 
-def convert_(model: nn.Module) -> nn.Module:
-    """Finish QAT: fold BatchNorm for real, freeze learnt qparams, and return the PTQ kind of model
-    (``QuantConv2d`` … with frozen ``TensorQuantizer``), in eval mode, ready for ``export_onnx``."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+def _finish_qat(model: nn.Module):
+    """The convert hook of QAT models: fold BatchNorm for real and turn learnt ranges into frozen
+    ``TensorQuantizer`` s (eval mode); once frozen, link the engine-kernel emulation. No-op on other models."""
+    layers = [layer for _, layer in quant_layers(model) if isinstance(layer, QATLayerMixin)]
+    if not layers and not any(isinstance(q, LearnableQuantizer) for _, q in quantizers(model)):
+        return None
     model.eval()
-    for _, layer in quant_layers(model):
-        if isinstance(layer, QATLayerMixin):
-            layer.fold_()
+    for layer in layers:
+        layer.fold_()
     for _, q in quantizers(model):
         if isinstance(q, LearnableQuantizer):
             q.to_tensor_quantizer_()
-    ptq_convert_(model)
-    info = getattr(model, "lowbit_info", None)
-    if isinstance(model, fx.GraphModule) and info is not None and info.traced and info.recipe.target == "onnxruntime":
-        log.info("linked %d layers to exact engine-kernel emulation", link_engine_kernels(model))
-    return model
+
+    def link() -> None:
+        info = getattr(model, "lowbit_info", None)
+        if isinstance(model, fx.GraphModule) and info is not None and info.traced and info.recipe.target == "onnxruntime":
+            log.info("linked %d layers to exact engine-kernel emulation", link_engine_kernels(model))
+    return link
+
+
+register_convert_hook(_finish_qat)
+
+
+def convert_(model: nn.Module) -> nn.Module:
+    """Finish QAT: fold BatchNorm for real, freeze learnt qparams, and return the PTQ kind of model
+    (``QuantConv2d`` … with frozen ``TensorQuantizer``), in eval mode, ready for ``export_onnx``.
+
+    The same as ``lowbit.convert_`` (which finishes QAT models too); kept so ``qat.convert_`` still reads as
+    the end of a QAT script.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    model.eval()
+    return ptq_convert_(model)

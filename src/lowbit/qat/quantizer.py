@@ -169,8 +169,7 @@ class LearnableQuantizer(TensorQuantizer):
         g, spec = self.spec.granularity, self.spec
         if isinstance(g, PerGroup):
             raise ValueError(f"quantizer {self.qname}: mse initialisation supports per-tensor and per-channel")
-        axis = None if isinstance(g, PerTensor) else g.axis
-        self.set_qparams(*grid_search_qparams(x.detach(), spec.qmin, spec.qmax, spec.symmetric, axis))
+        self.set_qparams(*grid_search_qparams(x.detach(), spec.qmin, spec.qmax, spec.symmetric, g))
 
     def _hand_over(self) -> None:
         with torch.no_grad():

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.ptq.distributed import rank_and_world
+from lowbit.data import rank_and_world
 
 
 def world_size() -> int:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.ptq.distributed import rank_and_world
+from lowbit.data import rank_and_world
 from lowbit.qat.distill import distill_loss
 from lowbit.qat.schedule import ThreePhaseSchedule
 from lowbit.qat.sync import wrap_ddp

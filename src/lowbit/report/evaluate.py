@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lowbit.analysis import metrics
-from lowbit.export.runtime import latency_ms, make_session, run_session
+from lowbit.export.runtime import batched_predict, latency_ms, make_session
 from lowbit.export.segment_parity import parity_with_segments
 from lowbit.report.engine_ops import engine_accounting, slowdown
 
@@ -36,15 +36,6 @@ class EvalSet:
     note: str = ""
 
 
-def batched_predict(session, batch_size: int = 32) -> Predict:
-    """A ``predict(x)`` that runs an ONNX Runtime session in batches."""
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([run_session(session, chunk) for chunk in torch.split(x, batch_size)])
-
-    return predict
-
-
 def torch_predict(model: nn.Module, batch_size: int = 32) -> Predict:
     """A ``predict(x)`` for a PyTorch module (no grad, batched)."""
 
@@ -63,7 +54,8 @@ def _metric(ev: EvalSet, predict: Predict, ref_out: torch.Tensor, out: torch.Ten
     return metrics.top1_agreement(ref_out, out)
 
 
-def _latencies(fp32_path: Path, int8_path: Path, example: torch.Tensor, threads: int, repeats: int) -> dict:
+def latencies(fp32_path: Path, int8_path: Path, example: torch.Tensor, threads: int, repeats: int) -> dict:
+    """Median ONNX Runtime latency of both models at batch 1 and 32 (rows of ``example``'s first row)."""
     out = {}
     for batch in (1, 32):
         x = example[:1].expand(batch, *example.shape[1:]).contiguous()
@@ -111,7 +103,7 @@ def evaluate_pair(
     fig["parity_ok"] = par.ok
     fig["parity"] = par.to_dict()
     fig.update(engine_accounting(int8_path, threads))
-    fig.update(_latencies(fp32_path, int8_path, ev.inputs, threads, repeats))
+    fig.update(latencies(fp32_path, int8_path, ev.inputs, threads, repeats))
     fig["slowdown"] = slowdown(fig)
     if fig["slowdown"]:
         log.warning("%s: %s", int8_path, fig["slowdown"])

@@ -8,18 +8,18 @@ Both search over recipes and return one (:class:`~lowbit.transforms.recipe.Recip
   measured loss estimate under a size / average-bits budget, solved exactly, with a Pareto sweep
   (:mod:`lowbit.search.bits`).
 
-Candidates run through a *runner* (default: the PyTorch simulation, :func:`torch_runner`); the CLI passes
-one that runs the exported model on ONNX Runtime.
+Candidates run through a *runner* (default: the PyTorch simulation, :func:`torch_runner`); the quantize job
+passes :func:`onnxruntime_runner`, which runs the exported model on ONNX Runtime.
 """
 
 from lowbit.search.bits import AllocationResult, allocate_bits
 from lowbit.search.candidates import CandidateBuilder
-from lowbit.search.evaluate import Score, Scorer, Target, torch_runner
+from lowbit.search.scoring import Score, Scorer, Target, onnxruntime_runner, torch_runner
 from lowbit.search.fallback import FallbackResult, fallback, ranking_from_analysis
 from lowbit.search.knapsack import solve_dp, solve_milp
 from lowbit.search.pareto import front, search_html
 
 __all__ = [
     "AllocationResult", "CandidateBuilder", "FallbackResult", "Score", "Scorer", "Target", "allocate_bits",
-    "fallback", "front", "ranking_from_analysis", "search_html", "solve_dp", "solve_milp", "torch_runner",
+    "fallback", "front", "onnxruntime_runner", "ranking_from_analysis", "search_html", "solve_dp", "solve_milp", "torch_runner",
 ]

@@ -36,12 +36,12 @@ from torch import nn
 
 from lowbit.core import QuantSpec
 from lowbit.nn import QuantLayerMixin
-from lowbit.ptq.calibrate import Data, iter_batches
+from lowbit.data import Data, iter_batches
 from lowbit.search.candidates import CandidateBuilder, layer_pattern, quantized_layers
-from lowbit.search.evaluate import EvalFn, MetricFn, Runner, Scorer, one_layer_losses, torch_runner
+from lowbit.search.scoring import EvalFn, MetricFn, Runner, Scorer, one_layer_losses, torch_runner
 from lowbit.search.knapsack import solve_milp
 from lowbit.search.pareto import front
-from lowbit.transforms.recipe import ORT_WEIGHT_BITS, LayerRule, Recipe
+from lowbit.transforms.recipe import LayerRule, Recipe, machine_weight_bits
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def option_name(w: int, a: int | None) -> str:
 def option_specs(recipe: Recipe, layer: Layer, w: int, a: int | None) -> tuple[QuantSpec, QuantSpec | None]:
     """The weight and input specs of option ``(w, a)`` for ``layer`` (module doc)."""
     base_w, base_a = recipe.resolve(layer.name, layer.kind)
-    bits = min(w, ORT_WEIGHT_BITS) if recipe.target == "onnxruntime" else w
+    bits = min(w, machine_weight_bits()) if recipe.target == "onnxruntime" else w
     spec_w = replace(base_w, bits=bits)
     if base_a is None or a is None:
         return spec_w, None
@@ -291,6 +291,7 @@ def allocate_bits(model: nn.Module, calib_data: Data, eval_inputs: torch.Tensor,
     """
     t0 = time.perf_counter()
     _check_bits(weight_bits, act_bits, size_budget_mb, avg_bits, max_bops_ratio)
+    recipe = recipe.for_machine()
     runner = runner or torch_runner()
     example_input = eval_inputs[:1] if example_input is None else example_input
     builder = CandidateBuilder(model, calib_data, example_input)

@@ -26,8 +26,8 @@ from torch import nn
 
 from lowbit.nn import QuantLayerMixin, QuantState, TensorQuantizer
 from lowbit.nn.functional import QuantAdd
-from lowbit.ptq.calibrate import Data, iter_batches, run_batch
-from lowbit.ptq.quantize import quantize
+from lowbit.data import Data, iter_batches, run_batch
+from lowbit.ptq.passes import quantize
 from lowbit.transforms.prepare import convert_, prepare_, start_calibration_
 from lowbit.transforms.recipe import Recipe
 

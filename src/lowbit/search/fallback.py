@@ -1,6 +1,6 @@
 """Accuracy-driven fallback: the fewest layers kept in float so that a target holds.
 
-1. **Base**: the recipe as given, scored against FP32 (see :mod:`lowbit.search.evaluate`). Met → done.
+1. **Base**: the recipe as given, scored against FP32 (see :mod:`lowbit.search.scoring`). Met → done.
 2. **Ranking**, by one of two scores (``rank_by``):
 
    - ``"float"`` (AIMET-style "one layer float"): the recipe with only ``l`` in float is scored exactly
@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.ptq.calibrate import Data
-from lowbit.ptq.quantize import quantize
+from lowbit.data import Data
+from lowbit.ptq.passes import quantize
 from lowbit.search.candidates import CandidateBuilder, layer_pattern, quantized_layers
-from lowbit.search.evaluate import EvalFn, MetricFn, Runner, Score, Scorer, Target, one_layer_losses, torch_runner
+from lowbit.search.scoring import EvalFn, MetricFn, Runner, Score, Scorer, Target, one_layer_losses, torch_runner
 from lowbit.transforms.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def fallback(model: nn.Module, calib_data: Data, eval_inputs: torch.Tensor, reci
         metric_fn: ``metric_fn(outputs_fp32, outputs) -> float`` (default: top-1 agreement);
             eval_fn: alternatively ``eval_fn(predict) -> float`` (the CLI's ``--eval``).
         budget_seconds: time for ranking + search (the base, FP32 and final verification always run).
-        runner: how candidates run (default :func:`~lowbit.search.evaluate.torch_runner`).
+        runner: how candidates run (default :func:`~lowbit.search.scoring.torch_runner`).
         ranking: layer names in the order to try (skips the measured ranking).
         rank_by: ``"auto"``, ``"float"`` or ``"quantized"`` (module doc); rank_samples: evaluation inputs the
             ``"quantized"`` ranking runs on.
@@ -250,6 +250,7 @@ def fallback(model: nn.Module, calib_data: Data, eval_inputs: torch.Tensor, reci
     if budget_seconds <= 0 or not 0 < rank_share <= 1 or rank_by not in RANK_BY or rank_samples < 1:
         raise ValueError(f"budget_seconds must be > 0, rank_share in (0, 1], rank_by one of {RANK_BY} and "
                          f"rank_samples >= 1; got {budget_seconds}, {rank_share}, {rank_by!r}, {rank_samples}")
+    recipe = recipe.for_machine()
     runner = runner or torch_runner()
     example_input = eval_inputs[:1] if example_input is None else example_input
     builder = CandidateBuilder(model, calib_data, example_input)

@@ -6,7 +6,7 @@ Given inputs ``X`` (the server's reservoir or a data set), for the active versio
    permutation is held out);
 2. rebuild the float PyTorch model named in ``vK/report.json`` (``model``: a zoo name or ``module:callable``)
    and quantize it with the recipe of ``vK/recipe.yaml`` (passes included) on the calibration rows, through
-   :func:`lowbit.pipeline.quantize_to_dir`, into ``DIR/versions/vN`` (its report and parity check included);
+   :func:`lowbit.jobs.quantize_to_dir`, into ``DIR/versions/vN`` (its report and parity check included);
 3. score the candidate and ``vK``'s INT8 model on the held-out rows against one float reference (the
    candidate's FP32 ONNX): top-1 agreement, KL(FP32 ‖ INT8) of softmax outputs, output SQNR;
 4. score both on the deployment's *trusted* rows (the quantize-time evaluation rows stored in ``DIR``, or a
@@ -38,11 +38,11 @@ import torch
 from torch import nn
 
 from lowbit.analysis import metrics
-from lowbit.export.runtime import make_session
+from lowbit.export.runtime import batched_predict, make_session
 from lowbit.outdir import DirLock
-from lowbit.pipeline import quantize_to_dir
+from lowbit.jobs.quantize import quantize_to_dir
 from lowbit.provenance import check_model_name, load_trusted_set, text_sha256, weights_sha256
-from lowbit.report.evaluate import EvalSet, batched_predict
+from lowbit.report.evaluate import EvalSet
 from lowbit.serve.models import (
     active_version,
     check_model_dir,

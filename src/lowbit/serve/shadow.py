@@ -7,7 +7,7 @@ Output divergence of the INT8 output ``q`` from the FP32 output ``p`` (first gra
 * ``top1_mismatch``: share of rows with ``argmax p ≠ argmax q``
 
 Per-layer error, for every activation the INT8 graph quantizes (found as in
-:mod:`lowbit.export.ort_analysis`): the engine's value of that tensor is the dequantized code
+:mod:`lowbit.analysis.onnx_tensors`): the engine's value of that tensor is the dequantized code
 ``x̂ = (q - zp) · s``. The INT8 *debug* session exposes the ``QuantizeLinear`` codes ``q`` as extra outputs
 (this keeps ONNX Runtime's fused integer kernels, so its first output is bit-identical to the plain
 session's). The *reference* session is the FP32 graph with the codes as extra inputs and, per activation
@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.export.ort_analysis import QuantizedTensor, quantized_tensors
-from lowbit.export.runtime import make_session
+from lowbit.analysis.onnx_tensors import QuantizedTensor, quantized_tensors
+from lowbit.export.runtime import make_session, with_extra_outputs
 from lowbit.serve.config import Threshold
 
 PROBE_PREFIX = "lowbit_probe"
@@ -101,17 +101,6 @@ def layer_label(tensor: str) -> str:
     return label or tensor
 
 
-def _with_outputs(model: onnx.ModelProto, extra: dict[str, int]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs ``extra`` (name → ONNX element type)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
-    for name, elem in extra.items():
-        if name not in present:
-            copy.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    return copy
-
-
 def _session(model: onnx.ModelProto, threads: int):
     """An ONNX Runtime session (lowbit's settings) of an in-memory model."""
     fd, tmp = tempfile.mkstemp(prefix="lowbit-serve-", suffix=".onnx")
@@ -131,7 +120,7 @@ class DebugRunner:
     """
 
     def __init__(self, model: onnx.ModelProto, extra: dict[str, int], threads: int) -> None:
-        self.session = _session(_with_outputs(model, extra), threads)
+        self.session = _session(with_extra_outputs(model, extra), threads)
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in model.graph.output]
         self.extra = [n for n in extra if n != self.input and n not in self.outputs]

@@ -40,7 +40,8 @@ def dynamic_recipe(per_token: bool = True, weight_bits: int | None = None) -> Re
     base = PRESETS["int8"]
     weight = base.default_weight if weight_bits is None else replace(base.default_weight, bits=weight_bits)
     act = replace(DYNAMIC_ACT, granularity=PerChannel(0) if per_token else PerTensor())
-    return Recipe(default_weight=weight, default_input=act, rules=base.rules, target=base.target)
+    return Recipe(default_weight=weight, default_input=act, rules=base.rules, target=base.target,
+                  machine_weight_bits=base.machine_weight_bits and weight_bits is None)
 
 
 def _per_token(spec: QuantSpec, name: str) -> bool:
@@ -73,7 +74,7 @@ def quantize_dynamic_(model: nn.Module, recipe: Recipe | None = None) -> nn.Modu
     """
     if model.training:
         raise ValueError("quantize_dynamic_ needs an eval-mode model: call model.eval()")
-    recipe = recipe or dynamic_recipe()
+    recipe = (recipe or dynamic_recipe()).for_machine()
     info = PrepareInfo(recipe=recipe, traced=False)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, DynamicMixin):

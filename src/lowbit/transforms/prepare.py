@@ -9,6 +9,7 @@ its own input) with a warning that names the functional ops left in float.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -149,6 +150,7 @@ def prepare_(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | Non
     """
     if model.training:
         raise ValueError("prepare_ needs an eval-mode model (BatchNorm folding uses running statistics): call model.eval()")
+    recipe = recipe.for_machine()
     cap = capture_model(model, example_input, capture)
     log.info("%s", cap.describe())
     if cap.graph_module is None:
@@ -184,8 +186,28 @@ def start_calibration_(model: nn.Module) -> None:
             layer.weight_quantizer.observe(layer.weight)
 
 
+ConvertHook = Callable[[nn.Module], Callable[[], None] | None]
+_CONVERT_HOOKS: list[ConvertHook] = []
+
+
+def register_convert_hook(hook: ConvertHook) -> None:
+    """Run ``hook(model)`` at the start of every :func:`convert_`; what it returns (if anything) runs after the
+    quantizers are frozen. ``lowbit.qat`` registers the hook that finishes QAT models, so one ``convert_``
+    serves both."""
+    if hook not in _CONVERT_HOOKS:
+        _CONVERT_HOOKS.append(hook)
+
+
 def convert_(model: nn.Module) -> nn.Module:
-    """Freeze every calibrating quantizer: qparams are computed from its observer and stored."""
+    """Freeze every calibrating quantizer: qparams are computed from its observer and stored.
+
+    A QAT model (``lowbit.qat.prepare_qat_``, also inside ``DistributedDataParallel``) is finished first:
+    BatchNorm folded for real, learnt qparams frozen, eval mode, engine kernels linked. Returns the converted
+    model (the wrapped module for DDP).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    after = [done for done in (hook(model) for hook in _CONVERT_HOOKS) if done is not None]
     pending = [n for n, q in quantizers(model) if q.spec is not None and q.state is QuantState.INITIAL]
     if pending:
         raise RuntimeError(f"quantizer {pending[0]} was never calibrated: run lowbit.calibrate before convert_")
@@ -196,4 +218,6 @@ def convert_(model: nn.Module) -> nn.Module:
         raised = layer.fit_bias_range_()
         if raised:
             log.info("%s: raised %d weight scales so int32 bias codes fit", name, raised)
+    for done in after:
+        done()
     return model

@@ -16,20 +16,29 @@ from __future__ import annotations
 import fnmatch
 import platform
 import re
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lowbit.core import PerChannel, PerTensor, QuantSpec
+from lowbit.transforms.pass_registry import PASS_REGISTRY, check_passes
 from lowbit.transforms.spec_yaml import spec_from_dict, spec_to_dict
 
 TARGETS = ("onnxruntime", "tensorrt")
-PASSES = ("cle", "bias_correction", "adaround", "gptq")  # run in lowbit.ptq.passes' fixed order
+PASSES = tuple(PASS_REGISTRY)  # in the order they run (transforms.pass_registry)
 
 
-def _matches(pattern: str, name: str, type_name: str) -> bool:
+def pattern_matches(pattern: str, name: str, type_name: str) -> bool:
+    """Whether a rule pattern names a layer: ``type:<Class>``, ``re:<regex>`` (full match) or a glob.
+
+    >>> pattern_matches("type:Conv2d", "features.0", "Conv2d"), pattern_matches("re:fc[0-9]", "fc2", "Linear")
+    (True, True)
+    >>> pattern_matches("features.*", "classifier", "Linear")
+    False
+    """
     if pattern.startswith("type:"):
         return pattern[5:] == type_name
     if pattern.startswith("re:"):
@@ -70,17 +79,14 @@ class Recipe:
     target: str = "onnxruntime"
     passes: tuple[str, ...] = ()
     version: int = 1
+    # 8-bit weights that become 7-bit on CPUs without an int8 dot product when a job runs (for_machine): set
+    # by the int8 presets and by YAML recipes that do not give weight bits; never written to YAML.
+    machine_weight_bits: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"recipe target must be one of {TARGETS}, got {_brief(self.target)}")
-        bad = [p for p in self.passes if p not in PASSES]
-        if bad:
-            raise ValueError(f"unknown pass {_brief(bad[0])}; known passes: {', '.join(PASSES)}")
-        if "adaround" in self.passes and "gptq" in self.passes:
-            raise ValueError("passes adaround and gptq both choose the weight rounding; name only one")
-        if len(set(self.passes)) != len(self.passes):
-            raise ValueError(f"a pass is named twice in {_brief(list(self.passes))}")
+        check_passes(self.passes, lambda value: _brief(value))  # _brief is defined further down
         if not isinstance(self.passes, tuple):
             object.__setattr__(self, "passes", tuple(self.passes))
         if self.version != 1:
@@ -100,7 +106,7 @@ class Recipe:
     def resolve(self, name: str, type_name: str) -> tuple[QuantSpec | None, QuantSpec | None]:
         """``(weight_spec, input_spec)`` for one layer: the first matching rule, else the defaults."""
         for rule in self.rules:
-            if _matches(rule.pattern, name, type_name):
+            if pattern_matches(rule.pattern, name, type_name):
                 return rule.weight, rule.input
         return self.default_weight, self.default_input
 
@@ -125,12 +131,29 @@ class Recipe:
         return dump_recipe(self)
 
     def with_passes(self, *passes: str) -> Recipe:
-        """The same recipe running ``passes`` (see ``lowbit.ptq.passes`` for their fixed order)."""
+        """The same recipe running ``passes`` (see ``lowbit.transforms.pass_registry`` for their fixed order)."""
         return replace(self, passes=tuple(passes))
 
     def keep_float(self, *patterns: str) -> Recipe:
         """The same recipe with the matching layers kept in float."""
         return self.with_rules(*(LayerRule(p, None, None) for p in patterns))
+
+    def for_machine(self) -> Recipe:
+        """This recipe as it runs on this machine: with ``machine_weight_bits``, 8-bit weight specs (defaults and
+        rules) take :func:`machine_weight_bits` (7 on x86 CPUs without VNNI); the result is final (flag off).
+
+        Every job, ``prepare_`` and ``quantize_dynamic_`` call it, so the ``recipe.yaml`` a job writes holds the
+        bits that ran.
+        """
+        if not self.machine_weight_bits:
+            return self
+        bits = machine_weight_bits()
+
+        def fit(spec: QuantSpec | None) -> QuantSpec | None:
+            return replace(spec, bits=bits) if spec is not None and spec.bits == 8 else spec
+
+        rules = tuple(replace(r, weight=fit(r.weight)) for r in self.rules)
+        return replace(self, default_weight=fit(self.default_weight), rules=rules, machine_weight_bits=False)
 
 
 def cpu_has_int8_dot_product() -> bool:
@@ -150,16 +173,24 @@ def cpu_has_int8_dot_product() -> bool:
     return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"))
 
 
-ORT_WEIGHT_BITS = 8 if cpu_has_int8_dot_product() else 7
+@functools.cache
+def machine_weight_bits() -> int:
+    """Weight bits the ``int8`` presets use on this machine for ONNX Runtime: 8, or 7 on x86 CPUs without VNNI
+    (ONNX Runtime's ``reduce_range``; see :func:`cpu_has_int8_dot_product`). Read when a job runs."""
+    return 8 if cpu_has_int8_dot_product() else 7
+
+
 INT8_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, granularity=PerChannel(0), calibrator="minmax")
 UINT8_ACT = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor(), calibrator="percentile")
 
-# int8 presets for ONNX Runtime keep weights in int8 containers but use 7 bits on CPUs without VNNI.
+# Pure values, the same on every machine. The int8 presets for ONNX Runtime keep weights in int8 containers
+# but use 7 bits on CPUs without VNNI: machine_weight_bits marks that, resolved by Recipe.for_machine().
 PRESETS: dict[str, Recipe] = {
-    "int8": Recipe(default_weight=replace(INT8_WEIGHT, bits=ORT_WEIGHT_BITS), default_input=UINT8_ACT),
+    "int8": Recipe(default_weight=INT8_WEIGHT, default_input=UINT8_ACT, machine_weight_bits=True),
     "int8-per-tensor": Recipe(
-        default_weight=replace(INT8_WEIGHT, bits=ORT_WEIGHT_BITS, granularity=PerTensor()),
+        default_weight=replace(INT8_WEIGHT, granularity=PerTensor()),
         default_input=replace(UINT8_ACT, calibrator="minmax"),
+        machine_weight_bits=True,
     ),
     "tensorrt-int8": Recipe(
         default_weight=replace(INT8_WEIGHT, narrow_range=True),
@@ -170,7 +201,25 @@ PRESETS: dict[str, Recipe] = {
 
 
 def preset(name: str) -> Recipe:
-    """A built-in recipe by name (``int8``, ``int8-per-tensor``, ``tensorrt-int8``)."""
+    """A built-in recipe by name (``int8``, ``int8-per-tensor``, ``tensorrt-int8``).
+
+    >>> r = preset("int8")
+    >>> r.target, r.default_weight.granularity, r.default_input.calibrator
+    ('onnxruntime', PerChannel(axis=0), 'percentile')
+    >>> r.default_weight.bits, r.machine_weight_bits  # the same on every machine ...
+    (8, True)
+    >>> r.for_machine().default_weight.bits == machine_weight_bits()  # ... 7-bit on x86 CPUs without VNNI
+    True
+    >>> t = preset("tensorrt-int8")
+    >>> t.target, t.default_weight.narrow_range, t.default_input.signed, t.default_input.calibrator
+    ('tensorrt', True, True, 'entropy')
+    >>> r.keep_float("fc").resolve("fc", "Linear")  # a rule keeping the layer float: no weight, no input spec
+    (None, None)
+    >>> preset("int4")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown recipe preset 'int4'; presets: int8, int8-per-tensor, tensorrt-int8
+    """
     try:
         return PRESETS[name]
     except KeyError:
@@ -227,13 +276,14 @@ def _rule_from_dict(raw: Any, recipe_weight: QuantSpec, recipe_input: QuantSpec,
 
 
 def recipe_from_dict(raw: Any, where: str = "recipe") -> Recipe:
-    """Build a recipe from its YAML dict; missing top-level keys come from the ``int8`` preset."""
+    """Build a recipe from its YAML dict; missing top-level keys come from the ``int8`` preset, as it runs on this
+    machine (``Recipe.for_machine``)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(RECIPE_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown key {_brief(unknown[0])}; allowed keys: {', '.join(RECIPE_KEYS)}")
-    base = PRESETS["int8"]
+    base = PRESETS["int8"].for_machine()  # a file is read when its job runs: missing bits are this machine's
     weight = spec_from_dict(raw.get("weight", {}), base.default_weight, f"{where}.weight")
     inp = spec_from_dict(raw.get("input", {}), base.default_input, f"{where}.input")
     rules_raw = raw.get("rules", []) or []

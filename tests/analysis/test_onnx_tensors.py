@@ -15,15 +15,15 @@ import torch
 import lowbit
 from lowbit.analysis import metrics
 from lowbit.cli.main import main
-from lowbit.export.ort_analysis import (OUTPUT_CONSUMER, RunningError, analyze_onnx, first_nonfinite,
-                                        quantized_tensors, to_json, worst_tensors)
+from lowbit.analysis.onnx_tensors import (OUTPUT_CONSUMER, RunningError, analyze_onnx, first_nonfinite,
+                                          quantized_tensors, to_json, worst_tensors)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, digits):
     model, calib, eval_x, _ = digits
     q = lowbit.quantize(model, calib[:64], lowbit.preset("int8"), calib[:1], show_progress=False)
-    out = tmp_path_factory.mktemp("ort_analysis")
+    out = tmp_path_factory.mktemp("onnx_tensors")
     fp32 = lowbit.export_onnx(q, calib[:1], out / "model_fp32.onnx", float_model=True, check_parity=False)
     int8 = lowbit.export_onnx(q, calib[:1], out / "model_int8.onnx", check_parity=False)
     x = eval_x[:64]

@@ -1,8 +1,8 @@
 """How a candidate model is scored: a runner makes a ``predict`` for it, a scorer compares with FP32.
 
 * A *runner* ``runner(model, float_model) -> predict`` turns a converted model into ``predict(x) ->
-  outputs``: :func:`torch_runner` runs the PyTorch simulation (engine-exact for ONNX Runtime targets); a
-  higher layer may pass one that exports the model and runs ONNX Runtime (``lowbit.cli.search_args``).
+  outputs``: :func:`torch_runner` runs the PyTorch simulation (engine-exact for ONNX Runtime targets);
+  :func:`onnxruntime_runner` exports the model and runs it on ONNX Runtime (what ``lowbit quantize`` uses).
   ``float_model=True`` asks for the same model with every quantizer off (the FP32 reference).
 * The :class:`Scorer` holds the FP32 reference outputs on the evaluation inputs and scores a predict:
 
@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,6 +32,8 @@ from torch import nn
 from lowbit.analysis.layerwise import QuantizerSwitch, find_sites
 from lowbit.analysis.metrics import kl_softmax, top1_agreement
 from lowbit.analysis.sensitivity import model_outputs
+from lowbit.export.onnx_export import export_onnx
+from lowbit.export.runtime import batched_predict, make_session
 from lowbit.nn import TensorQuantizer
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -213,3 +217,25 @@ def one_layer_losses(model: nn.Module, names: Sequence[str], inputs: torch.Tenso
     finally:
         switch.restore()
     return out, ref
+
+
+def onnxruntime_runner(example_input: torch.Tensor, target: str = "onnxruntime", threads: int = 2,
+                       batch_size: int = 32) -> Runner:
+    """A runner that exports each candidate (FP32 with ``float_model``) and runs it on ONNX Runtime."""
+
+    def run(model: nn.Module, float_model: bool = False):
+        with tempfile.TemporaryDirectory(prefix="lowbit-search-") as tmp:
+            path = Path(tmp) / "candidate.onnx"
+            try:
+                export_onnx(model, example_input, path, target=target, float_model=float_model, check_parity=False)
+            except Exception as exc:  # noqa: BLE001 — one line naming what could not be exported
+                wide = sorted({q.spec.bits for q in model.modules()
+                               if isinstance(q, TensorQuantizer) and q.spec is not None and q.spec.bits > 8})
+                hint = f" ({'/'.join(map(str, wide))}-bit activations: try --act-bits 8)" if wide else ""
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise RuntimeError(f"a search candidate does not export to ONNX{hint}: {type(exc).__name__}: {first}") from exc
+            session = make_session(path, threads)
+        return batched_predict(session, batch_size)
+
+    run.engine = "onnxruntime"
+    return run

@@ -1,4 +1,5 @@
-"""Report figures for models measured on their outputs as a whole (sentence embeddings) or with any input dtype.
+"""Report figures for token models: measured on their outputs as a whole (sentence embeddings), any input dtype
+(token ids stay int64), dynamic mode included.
 
 ``evaluate_onnx_pair`` runs the FP32 and the quantized ONNX file on ONNX Runtime (inputs keep their dtype, so
 token ids stay int64) and compares them; for embedding models (``embedding=True``) the task metric is the
@@ -16,25 +17,17 @@ import torch
 from torch import nn
 
 from lowbit.analysis import metrics
-from lowbit.analysis.embedding import mean_cosine, nn_agreement
+from lowbit.analysis.embedding_metrics import mean_cosine, nn_agreement
 from lowbit.export.dynamic_onnx import run_onnx_batched
-from lowbit.export.runtime import latency_ms, make_session, parity
+from lowbit.export.runtime import make_session, parity
 from lowbit.report.engine_ops import engine_accounting, slowdown
+from lowbit.report.evaluate import latencies
 from lowbit.report.render import _json_safe, executed_lines
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_METRIC = "embedding_cosine"
 INTEGER_KERNELS = ("MatMulNBits", "DynamicQuantizeLinear")
-
-
-def _latencies(fp32_path: Path, q_path: Path, inputs: torch.Tensor, threads: int, repeats: int) -> dict:
-    out = {}
-    for batch in (1, 32):
-        x = inputs[:1].expand(batch, *inputs.shape[1:]).contiguous()
-        out[f"latency_ms_fp32_b{batch}"] = latency_ms(fp32_path, x, threads, repeats)
-        out[f"latency_ms_int8_b{batch}"] = latency_ms(q_path, x, threads, repeats)
-    return out
 
 
 def evaluate_onnx_pair(fp32_path: Path, q_path: Path, sim_model: nn.Module, inputs: torch.Tensor, embedding: bool,
@@ -59,7 +52,7 @@ def evaluate_onnx_pair(fp32_path: Path, q_path: Path, sim_model: nn.Module, inpu
     fig["parity_ok"], fig["parity"] = par.ok, par.to_dict()
     fig.update(engine_accounting(q_path, threads, extra_kernels=("MatMulNBits",)))
     fig["int8_kernels"] += sum(n for op, n in fig["executed_op_types"].items() if op in INTEGER_KERNELS)
-    fig.update(_latencies(fp32_path, q_path, inputs, threads, repeats))
+    fig.update(latencies(fp32_path, q_path, inputs, threads, repeats))
     fig["slowdown"] = slowdown(fig)
     if fig["slowdown"]:
         log.warning("%s: %s", q_path, fig["slowdown"])

@@ -27,7 +27,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from lowbit.analysis.layerwise import ErrorStats
-from lowbit.export.runtime import make_session
+from lowbit.export.runtime import make_session, with_extra_outputs
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +167,7 @@ def quantized_tensors(model: onnx.ModelProto) -> list[QuantizedTensor]:
 
 def _with_outputs(model: onnx.ModelProto, names: dict[str, int], path: Path) -> Path:
     """Save a copy of ``model`` that also outputs ``names`` (name → ONNX elem type); returns ``path``."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
-    for name, elem in names.items():
-        if name not in present:
-            copy.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    onnx.save(copy, str(path))
+    onnx.save(with_extra_outputs(model, names), str(path))
     return path
 
 
