@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import resource
 from pathlib import Path
 
@@ -17,16 +16,10 @@ RESULTS_DIR = ROOT / "bench" / "results"
 
 
 def machine() -> str:
-    """``lscpu`` model name and core count, e.g. ``"AMD EPYC 9B14, 2 cores"``."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    """``lscpu`` model name and core count, e.g. ``"AMD EPYC 9B14, 2 cores"`` (the figure reports carry)."""
+    from lowbit.jobs.outputs import machine_description
+
+    return machine_description()
 
 
 def lowbit_version() -> str:
