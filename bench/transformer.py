@@ -76,7 +76,7 @@ class Bench:
         self.ref: torch.Tensor | None = None
 
     def engine_outputs(self, path: Path) -> torch.Tensor:
-        from lowbit.export.dynamic_onnx import run_onnx_batched
+        from lowbit.export.onnx_dynamic import run_onnx_batched
         from lowbit.export.runtime import make_session
 
         return run_onnx_batched(make_session(path, THREADS), self.x, EVAL_BATCH)
@@ -110,7 +110,7 @@ INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
 
 
 def run_fp32(b: Bench) -> Path:
-    from lowbit.export.dynamic_onnx import export_dynamic_onnx
+    from lowbit.export.onnx_dynamic import export_dynamic_onnx
 
     path = b.tmp / "fp32.onnx"
     export_dynamic_onnx(b.zm.model, b.zm.example_input, path, check_parity=False)
@@ -122,7 +122,7 @@ def run_fp32(b: Bench) -> Path:
 
 
 def run_dynamic(b: Bench, per_token: bool, alpha: float | None = None) -> None:
-    from lowbit.export.dynamic_onnx import export_dynamic_onnx
+    from lowbit.export.onnx_dynamic import export_dynamic_onnx
     from lowbit.ptq.smoothquant import SmoothQuantConfig, smooth_
     from lowbit.transforms.dynamic import dynamic_recipe, quantize_dynamic_
 
@@ -174,7 +174,7 @@ def w4_recipe(group: int):
 
 def run_w4(b: Bench, gptq: bool, group: int = 128) -> None:
     import lowbit
-    from lowbit.export.nbits_onnx import export_nbits_onnx
+    from lowbit.export.onnx_matmul_nbits import export_nbits_onnx
     from lowbit.transforms.dynamic import quantize_embeddings_
 
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ ONNX Runtime); ``lowbit.quantize_to_dir(...)`` is the whole job the ``lowbit qua
 """
 
 from lowbit.core import PerChannel, PerGroup, PerTensor, QuantSpec
-from lowbit.export.onnx_export import check_onnx_parity, export_onnx
+from lowbit.export.onnx_static import check_onnx_parity, export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
 from lowbit.analysis import AnalysisResult, analyze
 from lowbit.jobs import __version__, quantize_to_dir

@@ -14,7 +14,7 @@ import lowbit
 from lowbit.analysis.embedding_metrics import mean_cosine, nn_agreement
 from lowbit.cli.main import main
 from lowbit.core import PerChannel
-from lowbit.export.dynamic_onnx import run_onnx
+from lowbit.export.onnx_dynamic import run_onnx
 from lowbit.export.runtime import make_session
 
 FILES = ["model_fp32.onnx", "model_int8.onnx", "recipe.yaml", "report.json", "report.md"]

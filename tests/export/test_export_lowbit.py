@@ -21,7 +21,7 @@ from torch import nn
 
 import lowbit
 from lowbit import PerChannel, PerGroup, PerTensor, QuantSpec, Recipe
-from lowbit.export.lowbit_onnx import packed_tensor, resolve_opset
+from lowbit.export.onnx_int4 import packed_tensor, resolve_opset
 from lowbit.export.runtime import make_session, optimized_op_types, parity, run_session
 from lowbit.nn import QuantLayerMixin
 

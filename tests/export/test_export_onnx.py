@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import lowbit
-from lowbit.export import onnx_export
+from lowbit.export import onnx_static
 from lowbit.export.runtime import make_session, optimized_op_types, parity, run_session
 from lowbit.nn import QuantLayerMixin
 
@@ -169,15 +169,15 @@ def test_export_restores_model_state(exported):
 
 def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "model.onnx"
-    onnx_export.atomic_write_bytes(target, b"old")
+    onnx_static.atomic_write_bytes(target, b"old")
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.onnx"]
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx_export.os, "replace", boom)
+    monkeypatch.setattr(onnx_static.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        onnx_export.atomic_write_bytes(target, b"new")
+        onnx_static.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["model.onnx"]
 

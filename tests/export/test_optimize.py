@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import lowbit
-from lowbit.export.onnx_export import check_onnx_parity, export_onnx
+from lowbit.export.onnx_static import check_onnx_parity, export_onnx
 from lowbit.export.runtime import optimized_op_types
 from lowbit.report.engine_ops import engine_accounting
 

@@ -70,7 +70,7 @@ def test_cle_runs_before_calibration_and_keeps_the_float_model(digits):
     q = pipeline.quantize(copy.deepcopy(model), calib, lowbit.preset("int8").with_passes("cle"), calib[:1],
                           show_progress=False, timings=timings)
     assert list(timings) == ["cle", "calibrate"]
-    from lowbit.export.onnx_export import quantizers_disabled
+    from lowbit.export.onnx_static import quantizers_disabled
 
     with torch.no_grad(), quantizers_disabled(q):
         torch.testing.assert_close(q(x[:32]), model(x[:32]), atol=1e-4, rtol=1e-4)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import lowbit
-from lowbit.export.onnx_export import export_onnx
+from lowbit.export.onnx_static import export_onnx
 from lowbit.export.runtime import optimized_op_types
 from lowbit.report.engine_ops import HEAVY_OPS, engine_accounting, merge_float_layers, module_of, slowdown
 from lowbit.report.render import to_markdown

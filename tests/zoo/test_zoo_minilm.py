@@ -80,7 +80,7 @@ def test_static_w8a8_quantizes_linear_and_attention_matmul_inputs_only(minilm, t
 
     import lowbit
     from lowbit.analysis.embedding_metrics import mean_cosine
-    from lowbit.export.dynamic_onnx import run_onnx
+    from lowbit.export.onnx_dynamic import run_onnx
     from lowbit.export.runtime import make_session, optimized_op_types
 
     ids = tokenize(TEXTS, 16)

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from lowbit.export.onnx_export import atomic_write_bytes
+from lowbit.export.onnx_static import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from torch import nn
 from lowbit.analysis import analyze
 from lowbit.analysis.onnx_tensors import OUTPUT_CONSUMER, analyze_onnx, first_nonfinite, quantized_tensors, to_json
 from lowbit.analysis.tensorwise import match_by_qparams, quantized_activation_errors
-from lowbit.export.onnx_export import export_onnx
+from lowbit.export.onnx_static import export_onnx
 from lowbit.outdir import check_output_dir, staged_output
 from lowbit.ptq.passes import quantize
 from lowbit.report.engine_html import engine_section

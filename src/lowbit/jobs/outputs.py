@@ -18,8 +18,8 @@ import onnxruntime
 import torch
 from torch import nn
 
-from lowbit.export.dynamic_onnx import export_dynamic_onnx
-from lowbit.export.onnx_export import export_onnx
+from lowbit.export.onnx_dynamic import export_dynamic_onnx
+from lowbit.export.onnx_static import export_onnx
 from lowbit.export.trt_cache import write_trt_calibration_cache
 from lowbit.report.render import to_json, to_markdown
 from lowbit.transforms.recipe import Recipe

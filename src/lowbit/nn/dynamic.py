@@ -15,7 +15,7 @@ default; use 7-bit weights on x86 CPUs without VNNI, whose u8×s8 kernels satura
 
 Modules: :class:`QuantDynamicLinear`, :class:`QuantDynamicLSTM`, :class:`QuantDynamicGRU` (each made with
 ``from_float`` and undone with ``to_float``); both recurrent modules quantize ``x_t`` and ``h_{t-1}`` at
-every step. In export mode the products become the ONNX nodes above (see ``lowbit.export.dynamic_onnx``).
+every step. In export mode the products become the ONNX nodes above (see ``lowbit.export.onnx_dynamic``).
 """
 
 from __future__ import annotations

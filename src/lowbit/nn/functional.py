@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import PerTensor
-from lowbit.nn.engine import codes_of, qlinear_add
+from lowbit.nn.kernels import codes_of, qlinear_add
 from lowbit.nn.onnx_ops import DQ, QDQRescaled
 from lowbit.nn.quantizer import TensorQuantizer
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from lowbit.core import QuantSpec
 from lowbit.core import PerTensor
-from lowbit.nn.engine import codes_of, exact_dtype, requantize
+from lowbit.nn.kernels import codes_of, exact_dtype, requantize
 from lowbit.nn.onnx_ops import DQ, DQLowBit, code_dtype, needs_lowbit_form
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -66,7 +66,7 @@ class QuantLayerMixin:
                 and self._integer_inputs_ready())
 
     def _engine_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Bit-exact emulation of the engine's integer kernel + requantization (see ``nn.engine``)."""
+        """Bit-exact emulation of the engine's integer kernel + requantization (see ``nn.kernels``)."""
         q_in, q_out, wq = self.effective_input_quantizer(), self.__dict__["_engine_output"], self.weight_quantizer
         a, w = self._integer_operands(x)
         grid = self.bias_qparams()
@@ -271,7 +271,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def _matmul_to_float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ONNX Runtime's ``MatMulIntegerToFloat`` + float bias ``Add`` + ``QuantizeLinear``, bit for bit:
-        ``y = fl32(acc) · fl32(s_x · s_w) + fl32(q_b · s_b)``, then the output quantizer (see ``nn.engine``)."""
+        ``y = fl32(acc) · fl32(s_x · s_w) + fl32(q_b · s_b)``, then the output quantizer (see ``nn.kernels``)."""
         q_in, wq = self.effective_input_quantizer(), self.weight_quantizer
         a, w = self._integer_operands(x)
         dtype = exact_dtype(a, w, None, tuple(range(1, w.ndim)))

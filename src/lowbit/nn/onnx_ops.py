@@ -6,7 +6,7 @@ their ``symbolic`` emits the standard Q/DQ nodes, so ONNX Runtime and TensorRT s
 * ``QDQ``: float activation → ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)``.
 * ``DQ``: integer constant (int8 weight codes, int32 bias codes) → ``DequantizeLinear(q, s, z)``.
 * ``DQLowBit``: the same for ≤ 4-bit weight codes or blocked (per-group) qparams; it exports as a ``lowbit::``
-  placeholder that ``lowbit.export.lowbit_onnx`` rewrites into opset-21 int4 / uint4 nodes. (Activations of
+  placeholder that ``lowbit.export.onnx_int4`` rewrites into opset-21 int4 / uint4 nodes. (Activations of
   ≤ 4 bits keep int8 / uint8 Q/DQ: ONNX Runtime 1.32 fuses a uint4 activation into QLinearConv and then
   refuses its own graph.)
 
@@ -113,7 +113,7 @@ class DQLowBit(torch.autograd.Function):
     ``x̂ = (q - z) · s`` with ``s``, ``z`` expanded by :func:`expand_blocked`. The ONNX form is a placeholder
     ``lowbit::DequantizeLinear`` node (attributes ``axis``, ``block_size``, ``bits``, ``signed``,
     ``integer_kernel``: the layer's input is quantized too, so an integer kernel can take this weight) that
-    ``lowbit.export.lowbit_onnx`` rewrites into standard opset-21 nodes with packed codes.
+    ``lowbit.export.onnx_int4`` rewrites into standard opset-21 nodes with packed codes.
     """
 
     @staticmethod

@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.analysis import metrics
 from lowbit.analysis.embedding_metrics import mean_cosine, nn_agreement
-from lowbit.export.dynamic_onnx import run_onnx_batched
+from lowbit.export.onnx_dynamic import run_onnx_batched
 from lowbit.export.runtime import make_session, parity
 from lowbit.report.engine_ops import engine_accounting, slowdown
 from lowbit.report.evaluate import latencies

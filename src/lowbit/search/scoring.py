@@ -32,7 +32,7 @@ from torch import nn
 from lowbit.analysis.layerwise import QuantizerSwitch, find_sites
 from lowbit.analysis.metrics import kl_softmax, top1_agreement
 from lowbit.analysis.sensitivity import model_outputs
-from lowbit.export.onnx_export import export_onnx
+from lowbit.export.onnx_static import export_onnx
 from lowbit.export.runtime import batched_predict, make_session
 from lowbit.nn import TensorQuantizer
 

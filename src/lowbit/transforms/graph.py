@@ -276,7 +276,7 @@ def _fused_producer(gm: fx.GraphModule, src: fx.Node) -> fx.Node:
 
 def link_engine_kernels(gm: fx.GraphModule) -> int:
     """Tell layers and adds which quantizer the engine fuses onto their output, so the simulation can
-    emulate the engine's integer kernels exactly (see ``lowbit.nn.engine``). Returns the links made."""
+    emulate the engine's integer kernels exactly (see ``lowbit.nn.kernels``). Returns the links made."""
     links = integer_hardsigmoids(gm)
     for qnode in list(gm.graph.nodes):
         q_out = _act_quantizer(gm, qnode)

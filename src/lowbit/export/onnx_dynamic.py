@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from lowbit.export.onnx_export import DEFAULT_OPSET, atomic_write_bytes, export_mode
+from lowbit.export.onnx_static import DEFAULT_OPSET, atomic_write_bytes, export_mode
 from lowbit.export.runtime import ParityResult, make_session, parity, run_session
 from lowbit.nn.dynamic import DynamicMixin
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import lowbit
 from lowbit import LayerRule, PerGroup, QuantSpec, Recipe
-from lowbit.export.dynamic_onnx import check_parity_any, export_dynamic_onnx, run_onnx
-from lowbit.export.nbits_onnx import export_nbits_onnx, pack_int4, unpack_int4
+from lowbit.export.onnx_dynamic import check_parity_any, export_dynamic_onnx, run_onnx
+from lowbit.export.onnx_matmul_nbits import export_nbits_onnx, pack_int4, unpack_int4
 from lowbit.export.runtime import make_session, optimized_op_types
 from lowbit.transforms.dynamic import dynamic_recipe, quantize_dynamic_
 from lowbit.transforms.recipe import UINT8_ACT

@@ -4,7 +4,7 @@ Activations become ``Q → DQ`` pairs on the tensors our quantizers sit on; weig
 initializers behind a ``DQ`` (int8, per-channel axis where needed), biases int32 initializers with
 ``s_b = s_in · s_w`` — the QDQ form ONNX Runtime fuses into QLinearConv / QLinearMatMul and TensorRT's
 explicit quantization accepts. Tensors of ≤ 4 bits or with per-group qparams need opset 21 (int4 / uint4 codes
-packed two per byte, ``block_size``): see ``export.lowbit_onnx``. Files are written atomically (temporary
+packed two per byte, ``block_size``): see ``export.onnx_int4``. Files are written atomically (temporary
 file + rename).
 """
 
@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from lowbit.export.lowbit_onnx import INT8_OPSET, TORCH_MAX_OPSET, finalize_lowbit, resolve_opset
+from lowbit.export.onnx_int4 import INT8_OPSET, TORCH_MAX_OPSET, finalize_lowbit, resolve_opset
 from lowbit.export.optimize import clean_onnx
 from lowbit.export.runtime import ParityResult, make_session, run_session
 from lowbit.export.segment_parity import parity_with_segments
@@ -52,7 +52,7 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, opset: int | No
                   clean: bool = True) -> onnx.ModelProto:
     """Trace ``model`` (quantizers in ONNX form) into an in-memory ONNX model with a dynamic batch axis.
 
-    ``opset`` None picks 21 when a tensor needs int4 / uint4 or blocks, else 17 (see ``lowbit_onnx.resolve_opset``).
+    ``opset`` None picks 21 when a tensor needs int4 / uint4 or blocks, else 17 (see ``onnx_int4.resolve_opset``).
     ``clean``: constant folding and pad fusion with onnxscript's optimizer (``export.optimize.clean_onnx``).
     """
     opset = resolve_opset(model, opset)

@@ -41,7 +41,7 @@ from lowbit.nn.onnx_ops import LOWBIT_DOMAIN, needs_lowbit_form
 
 log = logging.getLogger(__name__)
 
-INT8_OPSET = 17  # exports without int4 / blocks (``onnx_export.DEFAULT_OPSET``)
+INT8_OPSET = 17  # exports without int4 / blocks (``onnx_static.DEFAULT_OPSET``)
 LOWBIT_OPSET = 21  # first opset with int4 / uint4 and DequantizeLinear block_size
 TORCH_MAX_OPSET = 20  # highest opset of torch.onnx's TorchScript exporter
 MIN_OPSET = 13  # per-channel QuantizeLinear

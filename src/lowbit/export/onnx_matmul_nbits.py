@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import PerGroup
-from lowbit.export.dynamic_onnx import trace_to_onnx
-from lowbit.export.onnx_export import DEFAULT_OPSET, atomic_write_bytes
+from lowbit.export.onnx_dynamic import trace_to_onnx
+from lowbit.export.onnx_static import DEFAULT_OPSET, atomic_write_bytes
 from lowbit.nn import QuantLinear
 
 log = logging.getLogger(__name__)
