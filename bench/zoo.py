@@ -16,7 +16,8 @@ fresh worker process so memory stays bounded:
 * ``sqnr_db``, ``cosine``, ``top1_agreement``: lowbit INT8 vs FP32, both run on ONNX Runtime over the evaluation
   inputs (``lowbit.analysis.metrics``; top-1 over the class axis, ``None`` for models whose output is features);
   the ``*_ort`` fields are the same for ORT's file. ``parity_ok``: lowbit's PyTorch simulation vs its INT8 file
-  on ONNX Runtime (``check_onnx_parity``, 99.9% of elements within one output step).
+  on ONNX Runtime (``check_onnx_parity``: 99.9% of elements within one output step, else tensor by tensor;
+  ``parity_fraction`` is the output-level share, ``parity_segment`` the tensor-by-tensor result when it ran).
 * ``float_ops_reported``: number of entries of lowbit's ``float_layers`` (what it says it left in float).
 
 A model that fails gets a row with an ``error`` key (one line) and the run goes on.
@@ -265,6 +266,7 @@ def bench_model(name: str, mode: str, tmp: Path) -> dict:
     row = {"model": name, "heavy_ops": heavy_op_count(fp32), "int_kernels_lowbit": counts["heavy_int"],
            "sqnr_db": sqnr, "cosine": cos, "top1_agreement": top1, "parity_ok": par.ok,
            "float_ops_reported": len(floats), "parity_fraction": par.fraction_within_step,
+           "parity_segment": par.segment,
            "int_kernels_all_lowbit": counts["all_int"], "float_heavy_kernels_lowbit": counts["heavy_float"],
            "graph_captured": bool(getattr(getattr(qmodel, "lowbit_info", None), "traced", False)),
            "float_layers": [f"{layer}: {why}" for layer, why in floats], "output": kind,
