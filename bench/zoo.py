@@ -18,7 +18,8 @@ fresh worker process so memory stays bounded:
   the ``*_ort`` fields are the same for ORT's file. ``parity_ok``: lowbit's PyTorch simulation vs its INT8 file
   on ONNX Runtime (``check_onnx_parity``: 99.9% of elements within one output step, else tensor by tensor;
   ``parity_fraction`` is the output-level share, ``parity_segment`` the tensor-by-tensor result when it ran).
-* ``float_ops_reported``: number of entries of lowbit's ``float_layers`` (what it says it left in float).
+* ``float_ops_reported``: number of entries of lowbit's ``float_layers`` as report.json has them (what prepare_
+  left in float, plus every heavy op ONNX Runtime runs in float that no such entry names).
 
 A model that fails gets a row with an ``error`` key (one line) and the run goes on.
 
@@ -247,6 +248,8 @@ def measure_ort_side(row: dict, fp32: Path, calib: list, tmp: Path, x, ref, kind
 def bench_model(name: str, mode: str, tmp: Path) -> dict:
     """Every field of one row (raises on a lowbit failure; the caller turns it into an ``error`` row)."""
     import lowbit
+    from lowbit.jobs.outputs import float_layers
+    from lowbit.report.engine_ops import engine_accounting, merge_float_layers
 
     n_rounds, reps_b1, reps_b32 = SETTINGS[mode][3:]
     stage = "load"
@@ -256,7 +259,8 @@ def bench_model(name: str, mode: str, tmp: Path) -> dict:
         stage = "lowbit quantize/export"
         qmodel, fp32, int8, calib_seconds = run_lowbit(zm, calib, tmp)
         stage = "lowbit measure"
-        floats = qmodel.lowbit_info.float_layers if hasattr(qmodel, "lowbit_info") else []
+        # as report.json lists them: what prepare_ left in float plus every heavy op ONNX Runtime runs in float
+        floats = merge_float_layers(float_layers(qmodel), engine_accounting(int8, THREADS)["float_heavy_ops"])
         counts = kernel_counts(int8)
         ref = outputs(fp32, x)
         sqnr, cos, top1 = scores(ref, outputs(int8, x), kind)
@@ -269,7 +273,7 @@ def bench_model(name: str, mode: str, tmp: Path) -> dict:
            "parity_segment": par.segment,
            "int_kernels_all_lowbit": counts["all_int"], "float_heavy_kernels_lowbit": counts["heavy_float"],
            "graph_captured": bool(getattr(getattr(qmodel, "lowbit_info", None), "traced", False)),
-           "float_layers": [f"{layer}: {why}" for layer, why in floats], "output": kind,
+           "float_layers": [f"{f['layer']}: {f['reason']}" for f in floats], "output": kind,
            "calib_samples": sum(len(b) for b in calib), "calib_batches": len(calib), "eval_samples": len(x),
            "lowbit_calib_seconds": calib_seconds}
     ort_path = measure_ort_side(row, fp32, calib, tmp, x, ref, kind)
