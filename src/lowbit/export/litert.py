@@ -1,0 +1,195 @@
+"""LiteRT (TFLite) export: lowbit's own qparams as a full-integer ``.tflite``, run on the LiteRT interpreter.
+
+The quantized model is traced with every active quantizer in its PT2E form: activations become
+``quantized_decomposed.quantize_per_tensor → dequantize_per_tensor`` (int8), weights
+``quantize_per_channel → dequantize_per_channel`` of the float weight (symmetric, zero-point 0), biases the float
+value already rounded to the ``s_in · s_w`` grid. ``litert_torch.convert`` in static Q/DQ mode turns that graph
+into int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / ADD / MEAN ... whose scales and zero-points are exactly
+lowbit's float32 values (the PT2E quantizer passed in ``QuantConfig`` only selects that mode; it never runs).
+
+``litert_torch`` and ``ai_edge_litert`` are optional (``pip install 'lowbit[litert]'``); without them every entry
+point raises :class:`LiteRTUnavailable` with that one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.core import PerTensor
+from lowbit.export.litert_flatbuffer import float_interface
+from lowbit.nn import QuantLayerMixin, TensorQuantizer, quantizers_disabled
+from lowbit.nn.modules import INT32_MIN, INT32_MAX
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "LiteRT export needs the optional packages: pip install 'lowbit[litert]'"
+
+
+class LiteRTUnavailable(RuntimeError):
+    """``litert_torch`` or ``ai_edge_litert`` is not importable."""
+
+
+class LiteRTConversionError(RuntimeError):
+    """The LiteRT converter rejected the model (the message names the op)."""
+
+
+def require_litert() -> None:
+    """Raise :class:`LiteRTUnavailable` (one line, how to install) when the LiteRT packages are missing."""
+    for name in ("ai_edge_litert.interpreter", "litert_torch"):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise LiteRTUnavailable(f"{INSTALL_HINT} ({exc.name or name} is not installed)") from None
+
+
+def _qd():
+    return torch.ops.quantized_decomposed
+
+
+def _pt2e_activation(q: TensorQuantizer):
+    """A forward for ``q`` that emits int8 per-tensor quantize → dequantize (scalars baked in)."""
+    scale, zp = float(q.scale.reshape(())), int(q.zero_point.reshape(()))
+    qmin, qmax = q.spec.qmin, q.spec.qmax
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        codes = _qd().quantize_per_tensor(x, scale, zp, qmin, qmax, torch.int8)
+        return _qd().dequantize_per_tensor(codes, scale, zp, qmin, qmax, torch.int8)
+
+    return forward
+
+
+def _pt2e_weight(q: TensorQuantizer, ndim: int):
+    """A forward for a weight quantizer: per-channel (or per-tensor) quantize → dequantize of the float weight."""
+    qmin, qmax = q.spec.qmin, q.spec.qmax
+    if isinstance(q.spec.granularity, PerTensor):
+        return _pt2e_activation(q)
+    axis = q.spec.granularity.axis % ndim
+    scales = q.scale.detach().reshape(-1).to(torch.float32).clone()
+    zps = q.zero_point.detach().reshape(-1).to(torch.int64).clone()
+
+    def forward(w: torch.Tensor) -> torch.Tensor:
+        codes = _qd().quantize_per_channel(w, scales, zps, axis, qmin, qmax, torch.int8)
+        return _qd().dequantize_per_channel(codes, scales, zps, axis, qmin, qmax, torch.int8)
+
+    return forward
+
+
+def _rounded_bias(layer: QuantLayerMixin) -> torch.Tensor | None:
+    """The bias on its int32 grid ``s_in · s_w`` (what the converter stores as int32), as a float constant."""
+    grid = layer.bias_qparams()
+    if grid is None:
+        return None if layer.bias is None else layer.bias.detach().clone()
+    with torch.no_grad():
+        return (torch.clamp(torch.round(layer.bias / grid[0]), INT32_MIN, INT32_MAX) * grid[0]).detach().clone()
+
+
+def _patch(obj: nn.Module, name: str, value, undo: list) -> None:
+    undo.append((obj, name, name in obj.__dict__, obj.__dict__.get(name)))
+    obj.__dict__[name] = value
+
+
+@contextlib.contextmanager
+def pt2e_form(model: nn.Module):
+    """Within the block every active quantizer of ``model`` traces as PT2E quantize / dequantize ops and every
+    quantized layer as a float op on its quantize → dequantize weight (the engine emulation is switched off)."""
+    undo: list = []
+    try:
+        weights = {id(m.weight_quantizer) for m in model.modules() if isinstance(m, QuantLayerMixin)}
+        for mod in model.modules():
+            if isinstance(mod, QuantLayerMixin):
+                _patch_layer(mod, undo)
+            elif isinstance(mod, TensorQuantizer) and mod.is_active and id(mod) not in weights:
+                _check_activation(mod)
+                _patch(mod, "forward", _pt2e_activation(mod), undo)
+        yield model
+    finally:
+        for obj, name, had, old in reversed(undo):
+            if had:
+                obj.__dict__[name] = old
+            else:
+                obj.__dict__.pop(name, None)
+
+
+def _check_activation(q: TensorQuantizer) -> None:
+    spec = q.spec
+    if not (spec.signed and spec.bits == 8 and isinstance(spec.granularity, PerTensor)):
+        raise ValueError(f"quantizer {q.qname}: LiteRT takes int8 per-tensor activations (recipe target litert)")
+
+
+def _patch_layer(layer: QuantLayerMixin, undo: list) -> None:
+    wq = layer.weight_quantizer
+    _patch(layer, "_engine_ready", lambda: False, undo)
+    _patch(layer, "_integer_inputs_ready", lambda: False, undo)
+    if not wq.is_active:
+        return
+    if wq.spec.signed is False or int(wq.zero_point.abs().max()) != 0:
+        raise ValueError(f"layer {layer.layer_name}: LiteRT needs signed weights with zero-point 0")
+    bias = _rounded_bias(layer)
+    _patch(wq, "forward", _pt2e_weight(wq, layer.weight.ndim), undo)
+    _patch(layer, "quantized_bias", lambda: bias, undo)
+
+
+def _static_quant_config():
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    return quant_config.QuantConfig(pt2e_quantizer=quantizer)
+
+
+def _convert(module: nn.Module, example: torch.Tensor, quant_config=None) -> bytes:
+    import litert_torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            edge = litert_torch.convert(module, (example,), quant_config=quant_config)
+        except Exception as exc:  # noqa: BLE001 — the converter raises many types; name the op in one line
+            raise LiteRTConversionError(conversion_error_line(exc)) from exc
+    return edge.model_content()
+
+
+def conversion_error_line(exc: BaseException) -> str:
+    """One line naming what the LiteRT converter refused (the first line mentioning an op, else the first)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    for ln in lines:
+        low = ln.lower()
+        if "op" in low and ("not supported" in low or "failed to legalize" in low or "unsupported" in low):
+            return f"LiteRT converter rejected the model: {ln[:300]}"
+    return f"LiteRT converter rejected the model: {type(exc).__name__}: {lines[0][:300]}"
+
+
+def to_tflite(model: nn.Module, example: torch.Tensor, float_model: bool = False, io: str = "float") -> bytes:
+    """The ``.tflite`` bytes of ``model`` (a converted lowbit model) for a batch-1 ``example``.
+
+    ``float_model=True``: the same graph with every quantizer disabled (the float reference).
+    ``io``: ``float`` (the int8 model quantizes its input and dequantizes its output itself) or ``int8`` (the
+    app feeds int8 codes with the input's qparams and reads int8 codes).
+    """
+    if io not in ("float", "int8"):
+        raise ValueError(f"io must be 'float' or 'int8', got {io!r}")
+    require_litert()
+    model.eval()
+    example = example[:1]
+    if float_model:
+        with quantizers_disabled(model), pt2e_form(model):
+            return _convert(model, example)
+    with pt2e_form(model):
+        data = _convert(model, example, _static_quant_config())
+    return float_interface(data) if io == "float" else data
+
+
+def write_tflite(data: bytes, path: str | Path) -> Path:
+    """Write ``data`` atomically to ``path``."""
+    from lowbit.export.onnx_export import atomic_write_bytes
+
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    return path
