@@ -14,18 +14,22 @@ point raises :class:`LiteRTUnavailable` with that one line.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import warnings
 from pathlib import Path
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import PerTensor
 from lowbit.export.litert_flatbuffer import float_interface
 from lowbit.nn import QuantLayerMixin, TensorQuantizer, quantizers_disabled
 from lowbit.nn.modules import INT32_MIN, INT32_MAX
+from lowbit.transforms.graph import _is_zero_pad
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,44 @@ def _patch_layer(layer: QuantLayerMixin, undo: list) -> None:
     _patch(layer, "quantized_bias", lambda: bias, undo)
 
 
+def _zero_pad_amounts(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int, int, int] | None:
+    """``(left, right, top, bottom)`` of a 2-D zero padding node (``nn.ZeroPad2d`` / ``F.pad``), else None."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ZeroPad2d):
+        pads = gm.get_submodule(node.target).padding
+    elif node.op == "call_function" and node.target is F.pad and _is_zero_pad(node):
+        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    else:
+        return None
+    pads = tuple(int(p) for p in pads)
+    return pads if len(pads) == 4 and min(pads) >= 0 else None
+
+
+def fold_zero_pads(gm: fx.GraphModule) -> int:
+    """Move a symmetric zero padding in front of a Conv2d into the conv (in place; returns the count).
+
+    The LiteRT converter folds ``pad → conv`` into the conv only in float: between quantize / dequantize ops the
+    pad stays an NCHW PAD with a TRANSPOSE on each side. As the conv's own padding it becomes a SAME conv (or an
+    NHWC PAD that XNNPACK fuses). Real 0 is code ``z`` exactly, so this is bit-exact. Asymmetric (TensorFlow
+    SAME, stride 2) paddings have no conv form in PyTorch and are left alone.
+    """
+    folded = 0
+    for node in list(gm.graph.nodes):
+        pads = _zero_pad_amounts(gm, node)
+        if pads is None or len(node.users) != 1 or pads[0] != pads[1] or pads[2] != pads[3]:
+            continue
+        user = next(iter(node.users))
+        conv = gm.get_submodule(user.target) if user.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or tuple(conv.padding) != (0, 0) or user.args[0] is not node \
+                or conv.padding_mode != "zeros":
+            continue
+        conv.padding = (pads[2], pads[0])
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        folded += 1
+    gm.recompile()
+    return folded
+
+
 def _static_quant_config():
     from litert_torch.quantize import pt2e_quantizer, quant_config
 
@@ -176,7 +218,9 @@ def to_tflite(model: nn.Module, example: torch.Tensor, float_model: bool = False
     if io not in ("float", "int8"):
         raise ValueError(f"io must be 'float' or 'int8', got {io!r}")
     require_litert()
-    model.eval()
+    model = copy.deepcopy(model).eval()
+    if isinstance(model, fx.GraphModule):
+        log.info("LiteRT export: %d zero paddings folded into their convolutions", fold_zero_pads(model))
     example = example[:1]
     if float_model:
         with quantizers_disabled(model), pt2e_form(model):

@@ -8,6 +8,8 @@ output, and a quantizer crossed by flatten / view is applied again after it (``n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -70,6 +72,9 @@ def _output_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands
         if not users or site.kind in float_ok:
             continue
         spec = _activation_spec(site.input, producer_bounds(gm, out), recipe)
+        if recipe.target == "litert" and any(u.op == "output" for u in users):
+            # the model's output codes (logits): a clipping calibrator would flatten the top classes
+            spec = replace(spec, calibrator="minmax")
         known = demands.setdefault((out, spec), [])
         rewired = {user for _, user, _ in known}
         known.extend((None, user, out) for user in users if user not in rewired)
