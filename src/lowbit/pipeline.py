@@ -98,6 +98,7 @@ def quantize_to_dir(
     show_progress: bool = True,
     on_report: Callable[[dict, Path], None] | None = None,
     pass_batches: int | None = None,
+    io: str = "float",
 ) -> PTQResult:
     """Run the whole PTQ job and write ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.yaml``,
     ``report.json``, ``report.md`` (and ``calibration.cache`` for target tensorrt) into ``out_dir``.
@@ -107,6 +108,10 @@ def quantize_to_dir(
         on_report: called as ``on_report(report, staging_dir)`` before ``report.json`` is written; it may add
             keys to the report and files to the folder (the mixed-precision search adds ``search``).
         pass_batches: calibration batches the recipe's post-training passes see (None: all).
+        io: target ``litert`` only: ``float`` input / output (default) or ``int8`` tensors.
+
+    Target ``litert`` writes ``model_fp32.tflite`` / ``model_int8.tflite`` instead of the ONNX files and measures
+    them on the LiteRT interpreter (:mod:`lowbit.pipeline_litert`).
     """
     out_dir = Path(out_dir)
     provenance = {"model_sha256": weights_sha256(model), "recipe_sha256": text_sha256(recipe.to_yaml())}
@@ -115,15 +120,23 @@ def quantize_to_dir(
         pass_seconds: dict[str, float] = {}
         qmodel = quantize_with_passes(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds)
         calib_seconds = time.perf_counter() - t0
-        fp32_path, int8_path = _write_outputs(staging, qmodel, example_input, recipe)
         report = dict(labels or {})
-        report.update(evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats))
+        if recipe.target == "litert":
+            from lowbit.pipeline_litert import litert_outputs_and_figures
+
+            (staging / "recipe.yaml").write_text(recipe.to_yaml())
+            report.update(litert_outputs_and_figures(staging, qmodel, example_input, eval_set, threads, repeats, io))
+            float_layers = _float_layers(qmodel) + report.pop("float_compute")
+        else:
+            fp32_path, int8_path = _write_outputs(staging, qmodel, example_input, recipe)
+            report.update(evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats))
+            float_layers = merge_float_layers(_float_layers(qmodel), report["float_heavy_ops"])
         report.update({
             "target": recipe.target,
             "calib_seconds": calib_seconds,
             "passes": ordered(recipe.passes),  # in the order they ran
             "pass_seconds": pass_seconds,
-            "float_layers": merge_float_layers(_float_layers(qmodel), report["float_heavy_ops"]),
+            "float_layers": float_layers,
             "capture": getattr(getattr(qmodel, "lowbit_info", None), "capture", ""),
             "lowbit_version": __version__,
             "onnxruntime_version": onnxruntime.__version__,

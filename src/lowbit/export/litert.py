@@ -46,6 +46,8 @@ class LiteRTConversionError(RuntimeError):
 
 def require_litert() -> None:
     """Raise :class:`LiteRTUnavailable` (one line, how to install) when the LiteRT packages are missing."""
+    for noisy in ("torchao", "litert_torch", "absl"):  # optional CUDA kernels and triton reported at WARNING
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     for name in ("ai_edge_litert.interpreter", "litert_torch"):
         try:
             importlib.import_module(name)
