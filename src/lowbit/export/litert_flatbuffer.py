@@ -15,12 +15,6 @@ from dataclasses import dataclass, field
 CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE")
 DATA_OPS = ("RESHAPE", "TRANSPOSE", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "CONCATENATION", "GATHER",
             "STRIDED_SLICE", "SLICE", "SPLIT", "PACK", "UNPACK")
-# Ops whose int8 form is what makes a model fast (the issue's coverage: every conv and add int8).
-COMPUTE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "SUB", "MEAN", "AVERAGE_POOL_2D",
-               "MAX_POOL_2D", "BATCH_MATMUL", "TRANSPOSE_CONV", "LOGISTIC", "HARD_SWISH", "SOFTMAX", "TANH",
-               "CONV_3D", "SUM")
-
-
 def _schema():
     from ai_edge_litert import schema_py_generated as schema  # optional dependency (lowbit[litert])
 
@@ -62,9 +56,9 @@ class OpSummary:
     output_types: list[str] = field(default_factory=list)
 
     def coverage(self) -> float:
-        """Share of compute ops (conv, fully connected, add, mean, pools ...) that run in int8."""
-        compute = sum(n for op, n in self.ops.items() if op in COMPUTE_OPS)
-        int8 = sum(n for op, n in self.int8_ops.items() if op in COMPUTE_OPS)
+        """Share of compute ops (everything but conversions and data movement) that run in int8."""
+        compute = sum(n for op, n in self.ops.items() if op not in CONVERSION_OPS + DATA_OPS)
+        int8 = sum(n for op, n in self.int8_ops.items() if op not in DATA_OPS)
         return int8 / compute if compute else 0.0
 
     def to_dict(self) -> dict:
@@ -91,7 +85,7 @@ def op_summary(buf: bytes) -> OpSummary:
             summary.int8_ops[name] += 1
         else:
             summary.float_ops[name] += 1
-            if name in COMPUTE_OPS:
+            if name not in DATA_OPS:
                 out = sg.tensors[op.outputs[0]].name if op.outputs is not None and len(op.outputs) else b""
                 summary.float_compute.append({"op": name, "output": _text(out)})
     summary.input_types = [types.get(sg.tensors[i].type) for i in sg.inputs]

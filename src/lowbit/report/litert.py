@@ -76,7 +76,8 @@ def evaluate_litert_pair(fp32_path: Path, int8_path: Path, sim_model: nn.Module,
 
 def float_compute_layers(fig: dict) -> list[dict]:
     """Compute ops the INT8 file runs in float, as ``float_layers`` entries."""
-    return [{"layer": op["output"], "op": op["op"], "reason": "the LiteRT file runs this op in float"}
+    return [{"layer": op["output"], "op": op["op"],
+             "reason": f"{op['op']}: no int8 form in LiteRT for it here; runs in float between DEQUANTIZE and QUANTIZE"}
             for op in fig["litert_ops_int8"]["float_compute_ops"]]
 
 
