@@ -34,7 +34,7 @@ import lowbit  # noqa: E402
 from lowbit.analysis import metrics  # noqa: E402
 from lowbit.export.litert import _convert, _static_quant_config, require_litert, to_tflite  # noqa: E402
 from lowbit.export.litert_flatbuffer import float_interface, op_summary  # noqa: E402
-from lowbit.export.litert_runtime import latencies_ms, predictor  # noqa: E402
+from lowbit.export.litert_runtime import latencies_ms, output_step, predictor  # noqa: E402
 from lowbit.export.runtime import parity  # noqa: E402
 from lowbit.zoo import load_data, load_model  # noqa: E402
 
@@ -117,7 +117,9 @@ def run_model(name: str, quick: bool, repeats: int) -> list[dict]:
     outs, rows = measure(name, files, "fp32", x_eval, repeats)
     with torch.no_grad():
         sim = torch.cat([q(chunk) for chunk in torch.split(x_eval, 32)])
-    par = parity(sim, outs["lowbit"])
+    par = parity(sim, outs["lowbit"], output_step(lowbit_int8))
+    step = par.step
+    rows["lowbit"]["parity_exact_fraction"] = float(((sim - outs["lowbit"]).abs() <= step * 1e-3).double().mean())
     rows["lowbit"]["parity_fraction"] = par.fraction_within_step
     rows["lowbit"]["parity_max_abs_diff"] = par.max_abs_diff
     rows["lowbit"]["quantize_convert_seconds"] = t_lowbit

@@ -126,7 +126,10 @@ def quantize_to_dir(
 
             (staging / "recipe.yaml").write_text(recipe.to_yaml())
             report.update(litert_outputs_and_figures(staging, qmodel, example_input, eval_set, threads, repeats, io))
-            float_layers = _float_layers(qmodel) + report.pop("float_compute")
+            # the flatbuffer says what runs in float (the converter quantizes e.g. a sigmoid between two
+            # quantizers itself); lowbit's own list adds the layers a recipe rule keeps float
+            ruled = [f for f in _float_layers(qmodel) if "recipe rule" in f["reason"]]
+            float_layers = ruled + report.pop("float_compute")
         else:
             fp32_path, int8_path = _write_outputs(staging, qmodel, example_input, recipe)
             report.update(evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats))

@@ -55,6 +55,22 @@ def from_model_output(interp, y: np.ndarray) -> np.ndarray:
     return (y.astype(np.float32) - zp) * np.float32(scale)
 
 
+def output_step(model: str | Path | bytes) -> float | None:
+    """The scale of the model's int8 output codes (one output quantization step), or None for a float output.
+
+    With the float interface the int8 output is the tensor the final DEQUANTIZE reads (named without
+    ``_float``)."""
+    interp = make_interpreter(model, 1)
+    out = interp.get_output_details()[0]
+    if out["dtype"] == np.int8:
+        return _qparams(out)[0]
+    name = out["name"].removesuffix("_float")
+    for d in interp.get_tensor_details():
+        if d["name"] == name and d["dtype"] == np.int8:
+            return _qparams(d)[0]
+    return None
+
+
 def run_rows(interp, x: torch.Tensor) -> torch.Tensor:
     """Float outputs for every row of ``x`` (one ``invoke`` per row)."""
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]

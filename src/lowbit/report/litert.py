@@ -15,7 +15,7 @@ from torch import nn
 
 from lowbit.analysis import metrics
 from lowbit.export.litert_flatbuffer import op_summary
-from lowbit.export.litert_runtime import latencies_ms, predictor
+from lowbit.export.litert_runtime import latencies_ms, output_step, predictor
 from lowbit.export.runtime import parity
 from lowbit.report.evaluate import EvalSet, _metric, torch_predict
 
@@ -41,7 +41,7 @@ def evaluate_litert_pair(fp32_path: Path, int8_path: Path, sim_model: nn.Module,
     sim = sim_pred(ev.inputs)
     ops8, ops32 = op_summary(int8_path.read_bytes()), op_summary(fp32_path.read_bytes())
     lat = latencies_ms({"fp32": fp32_path, "int8": int8_path}, ev.inputs, threads, repeats)
-    par = parity(sim, out)
+    par = parity(sim, out, output_step(int8_path))  # one step of the int8 output codes
     fig = {
         "metric_name": ev.metric_name,
         "metric_fp32": _metric(ev, fp32_pred, ref, ref),
