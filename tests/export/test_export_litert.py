@@ -17,7 +17,7 @@ pytest.importorskip("litert_torch", reason="LiteRT extra not installed: pip inst
 import lowbit  # noqa: E402
 from lowbit.export.litert import LiteRTConversionError, conversion_error_line, to_tflite  # noqa: E402
 from lowbit.export.litert_flatbuffer import op_summary  # noqa: E402
-from lowbit.export.litert_runtime import make_interpreter, predictor  # noqa: E402
+from lowbit.export.litert_runtime import make_interpreter, output_step, predictor  # noqa: E402
 from lowbit.export.runtime import parity  # noqa: E402
 from lowbit.nn import TensorQuantizer  # noqa: E402
 
@@ -61,9 +61,11 @@ def test_interpreter_matches_simulation(digits_litert):
     with torch.no_grad():
         sim = digits_litert["q"](x)
     out = predictor(digits_litert["int8"])(x)
-    par = parity(sim, out)
+    step = output_step(digits_litert["int8"])
+    assert step == pytest.approx(float(digits_litert["q"].lowbit_act.fc_out.scale), rel=1e-7)
+    par = parity(sim, out, step)
     assert par.ok, par
-    assert par.max_abs_diff <= 1e-5  # XNNPACK requantizes like lowbit's emulation: no step differs
+    assert par.max_abs_diff <= 1e-5  # XNNPACK requantizes like lowbit's engine emulation: no code differs here
     out_io = predictor(digits_litert["int8_io"])(x)
     assert torch.equal(out_io, out)
 
