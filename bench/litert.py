@@ -35,7 +35,7 @@ from lowbit.analysis import metrics  # noqa: E402
 from lowbit.export.litert import _convert, _static_quant_config, require_litert, to_tflite  # noqa: E402
 from lowbit.export.litert_flatbuffer import float_interface, op_summary  # noqa: E402
 from lowbit.export.litert_runtime import latencies_ms, output_step, predictor  # noqa: E402
-from lowbit.export.runtime import parity  # noqa: E402
+from lowbit.report.litert import code_parity  # noqa: E402
 from lowbit.zoo import load_data, load_model  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
@@ -117,7 +117,7 @@ def run_model(name: str, quick: bool, repeats: int) -> list[dict]:
     outs, rows = measure(name, files, "fp32", x_eval, repeats)
     with torch.no_grad():
         sim = torch.cat([q(chunk) for chunk in torch.split(x_eval, 32)])
-    par = parity(sim, outs["lowbit"], output_step(lowbit_int8))
+    par = code_parity(sim, outs["lowbit"], output_step(lowbit_int8))
     step = par.step
     rows["lowbit"]["parity_exact_fraction"] = float(((sim - outs["lowbit"]).abs() <= step * 1e-3).double().mean())
     rows["lowbit"]["parity_fraction"] = par.fraction_within_step

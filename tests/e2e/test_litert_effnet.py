@@ -15,7 +15,7 @@ from lowbit import zoo  # noqa: E402
 from lowbit.export.litert import to_tflite  # noqa: E402
 from lowbit.export.litert_flatbuffer import op_summary  # noqa: E402
 from lowbit.export.litert_runtime import output_step, predictor  # noqa: E402
-from lowbit.export.runtime import parity  # noqa: E402
+from lowbit.report.litert import code_parity  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -37,4 +37,4 @@ def test_effnet_litert_int8_file_and_parity():
     x = data.eval_inputs[:8]
     with torch.no_grad():
         sim = q(x)
-    assert parity(sim, predictor(int8)(x), output_step(int8)).ok
+    assert code_parity(sim, predictor(int8)(x), output_step(int8)).ok

@@ -19,6 +19,7 @@ from lowbit.export.litert import LiteRTConversionError, conversion_error_line, t
 from lowbit.export.litert_flatbuffer import op_summary  # noqa: E402
 from lowbit.export.litert_runtime import make_interpreter, output_step, predictor  # noqa: E402
 from lowbit.export.runtime import parity  # noqa: E402
+from lowbit.report.litert import code_parity  # noqa: E402
 from lowbit.nn import TensorQuantizer  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def test_interpreter_matches_simulation(digits_litert):
     out = predictor(digits_litert["int8"])(x)
     step = output_step(digits_litert["int8"])
     assert step == pytest.approx(float(digits_litert["q"].lowbit_act.fc_out.scale), rel=1e-7)
-    par = parity(sim, out, step)
+    par = code_parity(sim, out, step)
     assert par.ok, par
     assert par.max_abs_diff <= 1e-5  # XNNPACK requantizes like lowbit's engine emulation: no code differs here
     out_io = predictor(digits_litert["int8_io"])(x)

@@ -71,3 +71,4 @@ def test_fold_zero_pads_is_exact(pads, kernel, stride, folds):
     ref = gm(x)
     assert fold_zero_pads(gm) == int(folds)
     assert torch.equal(gm(x), ref)
+
