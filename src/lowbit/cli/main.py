@@ -33,10 +33,12 @@ from lowbit.cli.qat import add_qat_args, run_qat
 from lowbit.cli.search_args import add_search_args, run_search
 from lowbit.cli.serve import add_recalibrate_args, add_serve_args, run_recalibrate, run_serve
 from lowbit.cli.sources import SourceError, load_data_source, load_eval_fn, load_model_source
+from lowbit.export.litert import require_litert
 from lowbit.jobs import quantize_to_dir
 from lowbit.observers import OBSERVERS
 from lowbit.outdir import OutputExistsError
 from lowbit.report.evaluate import EvalSet
+from lowbit.report.litert import summary_rows as litert_summary_rows
 from lowbit.report.render import summary_rows
 from lowbit.transforms.recipe import PRESETS, load_recipe
 from lowbit.zoo import DATA_NAMES, MODEL_NAMES
@@ -62,6 +64,8 @@ def _add_quantize_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                             "pipeline order); overrides the recipe's; 'none' for none")
         p.add_argument("--pass-batches", type=int, default=None, help="calibration batches the passes see (default all)")
         p.add_argument("--nproc", type=int, default=None, help="calibrate in N local processes (gloo, torchrun-compatible)")
+        p.add_argument("--io", choices=("float", "int8"), default="float",
+                       help="recipe target litert: float input/output (quantized inside the model, default) or int8")
         add_search_args(p)
     else:
         p.add_argument("--out", type=Path, default=Path("lowbit-demo"), help="output folder (default lowbit-demo)")
@@ -89,10 +93,11 @@ def print_report(report: dict, out_dir: Path) -> None:
     """The terminal table comparing FP32 and INT8."""
     if report.get("capture"):
         console.print(report["capture"])
+    litert = report.get("target") == "litert"
     table = Table(title=f"lowbit: {report.get('model')} → INT8 ({report.get('recipe')}, {report.get('calibrator')})")
-    for col in ("measure", "FP32", "INT8 (ONNX Runtime)"):
+    for col in ("measure", "FP32", "INT8 (LiteRT)" if litert else "INT8 (ONNX Runtime)"):
         table.add_column(col)
-    for row in summary_rows(report):
+    for row in (litert_summary_rows if litert else summary_rows)(report):
         table.add_row(*row)
     par = report["parity"]
     table.add_row("parity sim vs engine", "", f"{'OK' if report['parity_ok'] else 'FAILED'} "
@@ -101,7 +106,8 @@ def print_report(report: dict, out_dir: Path) -> None:
                      if par.get("segment") else "") + ")")
     table.add_row("layers left in float", "", str(len(report["float_layers"])))
     console.print(table)
-    console.print(f"wrote {out_dir}/ (model_fp32.onnx, model_int8.onnx, recipe.yaml, report.json, report.md, "
+    ext = "tflite" if litert else "onnx"
+    console.print(f"wrote {out_dir}/ (model_fp32.{ext}, model_int8.{ext}, recipe.yaml, report.json, report.md, "
                   "trusted_inputs.npy)")
 
 
@@ -109,6 +115,10 @@ def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, reci
     if wants_mode_pipeline(args, data_spec):  # --mode dynamic, or embedding data (sentences)
         return run_mode_quantize(args, model_spec, data_spec, recipe_spec)
     recipe = load_recipe(recipe_spec)
+    if recipe.target == "litert":
+        require_litert()  # one line naming the extra to install, before any long work
+    elif getattr(args, "io", "float") != "float":
+        raise ValueError("--io int8 applies to recipe target litert only (e.g. --recipe litert-int8)")
     if getattr(args, "passes", None) is not None:
         recipe = recipe.with_passes(*parse_passes(args.passes))
     calibrator = getattr(args, "calibrator", None)
@@ -127,7 +137,7 @@ def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, reci
         return follow_quantize(src.model, src.example_input, calib, recipe)
     result = quantize_to_dir(src.model, src.example_input, calib, recipe, args.out, ev, force=args.force,
                              labels=labels, threads=args.threads, repeats=args.repeats, on_report=on_report,
-                             pass_batches=getattr(args, "pass_batches", None))
+                             pass_batches=getattr(args, "pass_batches", None), io=getattr(args, "io", "float"))
     print_report(result.report, result.out_dir)
     return 0
 

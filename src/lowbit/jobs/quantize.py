@@ -72,6 +72,7 @@ def quantize_to_dir(
     pass_batches: int | None = None,
     mode: str = "static",
     embedding: bool = False,
+    io: str = "float",
 ) -> QuantizeResult:
     """Run the whole quantize job and write ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.yaml``,
     ``report.json``, ``report.md`` (and ``calibration.cache`` for target tensorrt) into ``out_dir``.
@@ -85,6 +86,10 @@ def quantize_to_dir(
         pass_batches: calibration batches the recipe's post-training passes see (None: all).
         mode: ``static`` (calibrated activations) or ``dynamic`` (activations quantized at run time).
         embedding: report embedding metrics (mean cosine, nearest-neighbour agreement) instead of top-1.
+        io: target ``litert`` only: ``float`` input / output (default) or ``int8`` tensors.
+
+    Target ``litert`` writes ``model_fp32.tflite`` / ``model_int8.tflite`` instead of the ONNX files and measures
+    them on the LiteRT interpreter (:mod:`lowbit.jobs.litert`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; modes: {', '.join(MODES)}")
@@ -101,15 +106,26 @@ def quantize_to_dir(
         pass_seconds: dict[str, float] = {}
         qmodel = quantize(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds)
         calib_seconds = time.perf_counter() - t0
-        fp32_path, int8_path = export_models(staging, qmodel, qmodel, example_input, recipe)
         report = dict(labels or {})
-        report.update(evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats))
+        if recipe.target == "litert":
+            from lowbit.jobs.litert import litert_outputs_and_figures  # the LiteRT packages load only here
+
+            report.update(litert_outputs_and_figures(staging, qmodel, example_input, eval_set, threads, repeats, io))
+            (staging / "recipe.yaml").write_text(recipe.to_yaml())
+            # the flatbuffer says what runs in float (the converter quantizes e.g. a sigmoid between two
+            # quantizers itself); lowbit's own list adds the layers a recipe rule keeps float
+            ruled = [f for f in float_layers(qmodel) if "recipe rule" in f["reason"]]
+            floats = ruled + report.pop("float_compute")
+        else:
+            fp32_path, int8_path = export_models(staging, qmodel, qmodel, example_input, recipe)
+            report.update(evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats))
+            floats = merge_float_layers(float_layers(qmodel), report["float_heavy_ops"])
         report.update({
             "target": recipe.target,
             "calib_seconds": calib_seconds,
             "passes": ordered(recipe.passes),  # in the order they ran
             "pass_seconds": pass_seconds,
-            "float_layers": merge_float_layers(float_layers(qmodel), report["float_heavy_ops"]),
+            "float_layers": floats,
             "capture": getattr(getattr(qmodel, "lowbit_info", None), "capture", ""),
             **run_facts(),
             **provenance,

@@ -10,7 +10,7 @@ into ONNX Q/DQ. Nothing outside ``lowbit.nn`` reads or writes these attributes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
@@ -86,3 +86,22 @@ def export_form(model: nn.Module) -> Iterator[nn.Module]:
         for m in mods:
             m.export_mode = False
             m.__dict__.pop("_export_tensors", None)
+
+
+@contextlib.contextmanager
+def instance_overrides(overrides: Iterable[tuple[nn.Module, str, object]]) -> Iterator[None]:
+    """Within the block each ``(module, name, value)`` is an instance attribute of ``module`` (a replacement
+    ``forward``, a predicate…), shadowing the class's; afterwards every module is as before. Exporters other than
+    ONNX (LiteRT's PT2E form) trace through such overrides."""
+    undo: list = []
+    try:
+        for obj, name, value in overrides:
+            undo.append((obj, name, obj.__dict__.get(name, _MISSING)))
+            obj.__dict__[name] = value
+        yield
+    finally:
+        for obj, name, old in reversed(undo):
+            if old is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = old

@@ -22,6 +22,10 @@ REQUIRED_KEYS = (
 )
 
 
+# LiteRT files are converted for batch 1: no batch-32 latency.
+LITERT_REQUIRED_KEYS = tuple(k for k in REQUIRED_KEYS if not k.endswith("_b32")) + ("target",)
+
+
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -34,7 +38,8 @@ def _json_safe(value):
 
 def to_json(report: dict) -> str:
     """JSON text; non-finite floats (an identical output has SQNR = inf) are written as strings."""
-    missing = [k for k in REQUIRED_KEYS if k not in report]
+    required = LITERT_REQUIRED_KEYS if report.get("target") == "litert" else REQUIRED_KEYS
+    missing = [k for k in required if k not in report]
     if missing:
         raise ValueError(f"report is missing key {missing[0]!r}")
     return json.dumps(_json_safe(report), indent=2) + "\n"
@@ -59,6 +64,10 @@ def summary_rows(r: dict) -> list[tuple[str, str, str]]:
 
 def to_markdown(r: dict) -> str:
     """A human-readable Markdown report."""
+    if r.get("target") == "litert":
+        from lowbit.report.litert import to_markdown as litert_markdown
+
+        return litert_markdown(r)
     lines = [
         f"# lowbit INT8 report: {r.get('model', 'model')}",
         "",

@@ -217,12 +217,12 @@ def _is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
         return isinstance(mod, PASS_MODULES) and not getattr(mod, "return_indices", False)
     if node.op == "call_function":
         if node.target is F.pad:
-            return _is_zero_pad(node)
+            return is_zero_pad(node)
         return node.target in PASS_FUNCTIONS and not node.kwargs.get("return_indices", False)
     return node.op == "call_method" and node.target in PASS_METHODS
 
 
-def _is_zero_pad(node: fx.Node) -> bool:
+def is_zero_pad(node: fx.Node) -> bool:
     """``F.pad(x, pads)`` / ``F.pad(x, pads, "constant", 0)``: zero padding."""
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
@@ -274,17 +274,22 @@ def _fused_producer(gm: fx.GraphModule, src: fx.Node) -> fx.Node:
     return src
 
 
-def link_engine_kernels(gm: fx.GraphModule) -> int:
+def link_engine_kernels(gm: fx.GraphModule, target: str = "onnxruntime") -> int:
     """Tell layers and adds which quantizer the engine fuses onto their output, so the simulation can
-    emulate the engine's integer kernels exactly (see ``lowbit.nn.kernels``). Returns the links made."""
-    links = integer_hardsigmoids(gm)
+    emulate the engine's integer kernels exactly (see ``lowbit.nn.kernels``). Returns the links made.
+
+    ``target="litert"`` links Conv / Linear only (LiteRT: XNNPACK requantizes them like ONNX Runtime's QLinearConv,
+    but its int8 ADD is not ONNX Runtime's AVX2 QLinearAdd, so adds keep the float simulation)."""
+    links = integer_hardsigmoids(gm) if target == "onnxruntime" else 0
     for qnode in list(gm.graph.nodes):
         q_out = _act_quantizer(gm, qnode)
         if q_out is None or q_out.spec is None:
             continue
         src = qnode.args[0]
-        unsigned_relu = producer_bounds(gm, src) is not None and not q_out.spec.signed and q_out.spec.symmetric
-        prod = _fused_producer(gm, src) if unsigned_relu else src
+        # a ReLU / ReLU6 folds into the kernel when code qmin is real 0 or less: unsigned zero-point 0 (ONNX
+        # Runtime), or any range clipped at 0 by the producer's bounds (LiteRT's fused activation clamps there)
+        folds = q_out.spec.signed if target == "litert" else not q_out.spec.signed and q_out.spec.symmetric
+        prod = _fused_producer(gm, src) if producer_bounds(gm, src) is not None and folds else src
         if len(src.users) != 1 or len(prod.users) != 1:
             continue
         if prod.op == "call_module" and isinstance(gm.get_submodule(prod.target), QuantLayerMixin):
@@ -292,7 +297,7 @@ def link_engine_kernels(gm: fx.GraphModule) -> int:
             if type(layer).__name__ in ("QuantConv1d", "QuantConv2d", "QuantLinear"):
                 layer.set_engine_output(q_out)
                 links += 1
-        elif prod is src and _link_add(gm, prod, q_out):
+        elif target != "litert" and prod is src and _link_add(gm, prod, q_out):
             links += 1
     gm.recompile()
     return links

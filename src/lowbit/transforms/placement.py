@@ -8,6 +8,8 @@ output, and a quantizer crossed by flatten / view is applied again after it (``n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -21,6 +23,12 @@ from lowbit.transforms.recipe import Recipe
 
 
 Use = tuple  # (consuming Site or None for an output demand, node to rewire, tensor it read)
+# Targets whose integer kernels need a quantizer on their output as well as on their inputs.
+INTEGER_IO_TARGETS = ("onnxruntime", "litert")
+# LiteRT kernels that need the same qparams on input and output (AVERAGE_POOL_2D): their output re-applies the
+# input's quantizer (``nn.Requantize``) instead of getting its own. Max pools need the same on every target and are
+# crossed like data movement (``graph.PASS_MODULES``), so a Requantize follows them anyway.
+LITERT_SHARED_POOLS = (nn.AvgPool1d, nn.AvgPool2d)
 
 
 def _input_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands: dict, requants: list) -> None:
@@ -31,7 +39,7 @@ def _input_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands:
             src, user = quantization_point(gm, arg, site.node)
             spec = _activation_spec(site.input, producer_bounds(gm, src), recipe)
             demands.setdefault((src, spec), []).append((site, user, arg))
-            if recipe.target == "onnxruntime" and src is not arg and _moves_data(gm, arg, src):
+            if recipe.target in INTEGER_IO_TARGETS and src is not arg and _moves_data(gm, arg, src):
                 requants.append((src, spec, site.node, arg))
 
 
@@ -49,22 +57,64 @@ def _moves_data(gm: fx.GraphModule, arg: fx.Node, src: fx.Node) -> bool:
 def _output_demands(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe, demands: dict) -> None:
     """ONNX Runtime fuses Conv, Add, Mul, Sigmoid, pools… into integer kernels only with a Q on their output: give
     each one (after the ReLU/ReLU6 it folds), whatever reads it. Linear and matmul fuse without one."""
-    if recipe.target != "onnxruntime":
+    if recipe.target not in INTEGER_IO_TARGETS:
         return
     site_nodes = {site.node for site in plan.sites}
+    float_ok = FLOAT_OUTPUT_OK if recipe.target == "onnxruntime" else ()  # a LiteRT FULLY_CONNECTED needs one
     for site in plan.sites:
         if site.input is None or (site.kind == "pool" and not site.inputs):
             continue
+        if recipe.target == "litert" and _shared_qparams_pool(gm, site.node):
+            continue  # re-applies its input's quantizer (see _insert_shared_pools)
         out = output_point(site.node, lambda n: producer_bounds(gm, n) is not None or _is_batchnorm(gm, n))
         # a Conv/Linear kept float by a rule reads the float tensor: behind a DQ, ONNX Runtime would quantize its
         # float weight itself (WeightBiasQuantization) and run it in INT8 against the recipe
         users = [u for u in out.users if not _float_layer_call(gm, u, site_nodes)]
-        if not users or site.kind in FLOAT_OUTPUT_OK:
+        if not users or site.kind in float_ok:
             continue
         spec = _activation_spec(site.input, producer_bounds(gm, out), recipe)
+        if recipe.target == "litert" and any(u.op == "output" for u in users):
+            # the model's output codes (logits): a clipping calibrator would flatten the top classes
+            spec = replace(spec, calibrator="minmax")
         known = demands.setdefault((out, spec), [])
         rewired = {user for _, user, _ in known}
         known.extend((None, user, out) for user in users if user not in rewired)
+
+
+def _shared_qparams_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An average pool with a window (not a global mean): LiteRT needs its output qparams = its input's."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), LITERT_SHARED_POOLS)
+    return node.op == "call_function" and node.target is F.avg_pool2d
+
+
+def _shared_pool_requants(gm: fx.GraphModule, plan: GraphPlan, recipe: Recipe) -> list:
+    """``(pool node, its input)`` for each LiteRT pool whose output must keep its input's qparams."""
+    if recipe.target != "litert":
+        return []
+    return [(s.node, s.inputs[0]) for s in plan.sites
+            if s.input is not None and s.inputs and _shared_qparams_pool(gm, s.node)]
+
+
+def _insert_shared_pools(gm: fx.GraphModule, holder: nn.ModuleDict, shared: list) -> None:
+    for pool, arg in shared:
+        qnode = pool.args[0]
+        source = _quantizer_of(gm, qnode)
+        if source is None:
+            continue
+        key = _key(f"{pool.name}_shared_out")
+        holder[key] = Requantize(source)
+        with gm.graph.inserting_after(pool):
+            rnode = gm.graph.call_module(f"lowbit_act.{key}", (pool,))
+        pool.replace_all_uses_with(rnode, delete_user_cb=lambda u: u is not rnode)
+
+
+def _quantizer_of(gm: fx.GraphModule, node: fx.Node) -> TensorQuantizer | None:
+    """The activation quantizer ``node`` applies (directly or re-applied), else None."""
+    if node.op != "call_module" or not str(node.target).startswith("lowbit_act."):
+        return None
+    mod = gm.get_submodule(node.target)
+    return mod.source if isinstance(mod, Requantize) else mod if isinstance(mod, TensorQuantizer) else None
 
 
 def _float_layer_call(gm: fx.GraphModule, node: fx.Node, site_nodes: set) -> bool:
@@ -107,6 +157,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Re
     requants: list = []
     _input_demands(gm, plan, recipe, demands, requants)
     _output_demands(gm, plan, recipe, demands)
+    shared = _shared_pool_requants(gm, plan, recipe)
     layer_inputs: dict[str, list[str]] = {}
     # ONNX export names nodes after their module's last name component; a quantizer key equal to a layer's
     # name (``conv1``) would rename that layer (``conv1_1``) in the INT8 graph only, so its tensor names would
@@ -126,6 +177,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, plan: GraphPlan, recipe: Re
             if site is not None and f"lowbit_act.{key}" not in layer_inputs.setdefault(site.name, []):
                 layer_inputs[site.name].append(f"lowbit_act.{key}")
     _insert_requants(gm, holder, placed, requants)
+    _insert_shared_pools(gm, holder, shared)
     gm.graph.lint()
     gm.recompile()
     return layer_inputs

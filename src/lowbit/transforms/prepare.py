@@ -61,8 +61,9 @@ def _prepare_traced(gm: fx.GraphModule, recipe: Recipe) -> PrepareInfo:
     folded = fold_bn_graph(gm)
     info = insert_quantizers(gm, recipe)
     info.folded_bn = folded
-    if recipe.target == "onnxruntime":
-        log.info("linked %d layers to exact engine-kernel emulation", link_engine_kernels(gm))
+    if recipe.target in ("onnxruntime", "litert"):
+        links = link_engine_kernels(gm, recipe.target)
+        log.info("linked %d layers to exact engine-kernel emulation", links)
     return info
 
 

@@ -27,7 +27,7 @@ from lowbit.core import PerChannel, PerTensor, QuantSpec
 from lowbit.transforms.pass_registry import PASS_REGISTRY, check_passes
 from lowbit.transforms.spec_yaml import spec_from_dict, spec_to_dict
 
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "tensorrt", "litert")
 PASSES = tuple(PASS_REGISTRY)  # in the order they run (transforms.pass_registry)
 
 
@@ -95,6 +95,8 @@ class Recipe:
             object.__setattr__(self, "rules", tuple(self.rules))
         if self.target == "tensorrt":
             self._check_tensorrt()
+        if self.target == "litert":
+            self._check_litert()
 
     def _check_tensorrt(self) -> None:
         specs = [("default weight", self.default_weight), ("default input", self.default_input)]
@@ -102,6 +104,16 @@ class Recipe:
         for where, spec in specs:
             if spec is not None and (not spec.symmetric or not spec.signed):
                 raise ValueError(f"target tensorrt needs signed symmetric quantization; {where} is not")
+
+    def _check_litert(self) -> None:
+        specs = [("default", self.default_weight, self.default_input)]
+        specs += [(f"rule {r.pattern!r}", r.weight, r.input) for r in self.rules]
+        for where, weight, act in specs:
+            if weight is not None and (not weight.signed or not weight.symmetric or weight.bits > 8):
+                raise ValueError(f"target litert needs signed symmetric weights of at most 8 bits (zero-point 0); "
+                                 f"{where} weight is not")
+            if act is not None and (not act.signed or act.bits != 8 or not isinstance(act.granularity, PerTensor)):
+                raise ValueError(f"target litert needs int8 per-tensor activations; {where} input is not")
 
     def resolve(self, name: str, type_name: str) -> tuple[QuantSpec | None, QuantSpec | None]:
         """``(weight_spec, input_spec)`` for one layer: the first matching rule, else the defaults."""
@@ -197,11 +209,18 @@ PRESETS: dict[str, Recipe] = {
         default_input=QuantSpec(bits=8, signed=True, symmetric=True, calibrator="entropy"),
         target="tensorrt",
     ),
+    # LiteRT (TFLite) int8: weights int8 symmetric per-channel in [-127, 127] (zero-point 0, what the interpreter
+    # accepts), activations int8 asymmetric (TFLITE_BUILTINS_INT8).
+    "litert-int8": Recipe(
+        default_weight=replace(INT8_WEIGHT, narrow_range=True),
+        default_input=replace(UINT8_ACT, signed=True),
+        target="litert",
+    ),
 }
 
 
 def preset(name: str) -> Recipe:
-    """A built-in recipe by name (``int8``, ``int8-per-tensor``, ``tensorrt-int8``).
+    """A built-in recipe by name (``int8``, ``int8-per-tensor``, ``tensorrt-int8``, ``litert-int8``).
 
     >>> r = preset("int8")
     >>> r.target, r.default_weight.granularity, r.default_input.calibrator
@@ -218,7 +237,7 @@ def preset(name: str) -> Recipe:
     >>> preset("int4")
     Traceback (most recent call last):
     ...
-    ValueError: unknown recipe preset 'int4'; presets: int8, int8-per-tensor, tensorrt-int8
+    ValueError: unknown recipe preset 'int4'; presets: int8, int8-per-tensor, tensorrt-int8, litert-int8
     """
     try:
         return PRESETS[name]

@@ -1,0 +1,156 @@
+"""Measure an FP32 / INT8 pair of ``.tflite`` files on the LiteRT interpreter, and render the report.
+
+Every INT8 figure comes from the interpreter (XNNPACK delegate, the default an app gets) running
+``model_int8.tflite``; the PyTorch simulation only enters through the parity check. Op types and the int8
+coverage are read from the flatbuffers themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.analysis import metrics
+from lowbit.export.litert_flatbuffer import op_summary
+from lowbit.export.litert_runtime import latencies_ms, output_step, predictor
+from lowbit.export.runtime import ParityResult, parity
+from lowbit.report.evaluate import EvalSet, _metric, torch_predict
+
+log = logging.getLogger(__name__)
+
+EXTRA_OPS = ("TRANSPOSE", "PAD", "PADV2", "QUANTIZE", "DEQUANTIZE")
+
+
+def _extra_ops(fp32_ops: dict, int8_ops: dict) -> dict[str, int]:
+    """Layout / conversion ops the INT8 file has beyond the FP32 one (the float interface's two excepted)."""
+    extra = {op: int8_ops.get(op, 0) - fp32_ops.get(op, 0) for op in EXTRA_OPS}
+    extra["QUANTIZE"] = max(0, extra["QUANTIZE"] - 1)
+    extra["DEQUANTIZE"] = max(0, extra["DEQUANTIZE"] - 1)
+    return {op: n for op, n in extra.items() if n > 0}
+
+
+def evaluate_litert_pair(fp32_path: Path, int8_path: Path, sim_model: nn.Module, ev: EvalSet, threads: int = 2,
+                         repeats: int = 30) -> dict:
+    """All report figures for one FP32 / INT8 ``.tflite`` pair (keys of the ONNX report, batch 1 only)."""
+    fp32_pred, int8_pred = predictor(fp32_path, threads), predictor(int8_path, threads)
+    ref, out = fp32_pred(ev.inputs), int8_pred(ev.inputs)
+    sim_pred = torch_predict(sim_model)
+    sim = sim_pred(ev.inputs)
+    ops8, ops32 = op_summary(int8_path.read_bytes()), op_summary(fp32_path.read_bytes())
+    lat = latencies_ms({"fp32": fp32_path, "int8": int8_path}, ev.inputs, threads, repeats)
+    par = code_parity(sim, out, output_step(int8_path))
+    fig = {
+        "metric_name": ev.metric_name,
+        "metric_fp32": _metric(ev, fp32_pred, ref, ref),
+        "metric_int8": _metric(ev, int8_pred, ref, out),
+        "metric_int8_simulated": _metric(ev, sim_pred, ref, sim),
+        "top1_agreement": metrics.top1_agreement(ref, out),
+        "kl": metrics.kl_softmax(ref, out),
+        "sqnr_db": metrics.sqnr_db(ref, out),
+        "cosine": metrics.cosine(ref, out),
+        "mse": metrics.mse(ref, out),
+        "size_bytes_fp32": fp32_path.stat().st_size,
+        "size_bytes_int8": int8_path.stat().st_size,
+        "eval_samples": int(ev.inputs.shape[0]),
+        "eval_note": ev.note,
+        "threads": threads,
+        "parity_ok": par.ok,
+        "parity": par.to_dict(),
+        "latency_ms_fp32_b1": lat["fp32"],
+        "latency_ms_int8_b1": lat["int8"],
+        "litert_ops_int8": ops8.to_dict(),
+        "litert_ops_fp32": dict(ops32.ops),
+        "int8_coverage": ops8.coverage(),
+        "extra_layout_ops": _extra_ops(dict(ops32.ops), dict(ops8.ops)),
+    }
+    fig["slowdown"] = None
+    if fig["latency_ms_int8_b1"] > fig["latency_ms_fp32_b1"]:
+        fig["slowdown"] = (f"INT8 is slower than FP32 on the LiteRT interpreter at batch 1 "
+                           f"({fig['latency_ms_int8_b1']:.2f} vs {fig['latency_ms_fp32_b1']:.2f} ms)")
+        log.warning("%s: %s", int8_path, fig["slowdown"])
+    return fig
+
+
+def code_parity(sim: torch.Tensor, out: torch.Tensor, step: float | None) -> ParityResult:
+    """Parity within one step of the int8 output codes, compared as codes.
+
+    Both outputs are ``(q - z) · s`` in float32; comparing them as floats, a one-code difference of a large logit
+    exceeds ``s`` by a few float32 ulps of the logit, so the comparison is made on ``round(y / s)``.
+    """
+    if step is None:
+        return parity(sim, out)
+    codes = parity(torch.round(sim.double() / step), torch.round(out.double() / step), 1.0)
+    return ParityResult(codes.ok, codes.fraction_within_step, codes.max_abs_diff * step, step, codes.elements)
+
+
+def float_compute_layers(fig: dict) -> list[dict]:
+    """Compute ops the INT8 file runs in float, as ``float_layers`` entries."""
+    return [{"layer": op["output"], "op": op["op"],
+             "reason": f"{op['op']}: no int8 form in LiteRT for it here; runs in float between DEQUANTIZE and QUANTIZE"}
+            for op in fig["litert_ops_int8"]["float_compute_ops"]]
+
+
+def summary_rows(r: dict) -> list[tuple[str, str, str]]:
+    """(measure, FP32, INT8) rows of the LiteRT report."""
+    speed = r["latency_ms_fp32_b1"] / r["latency_ms_int8_b1"]
+    return [
+        (f"metric ({r.get('metric_name', 'metric')})", f"{r['metric_fp32']:.4f}", f"{r['metric_int8']:.4f}"),
+        ("top-1 agreement with FP32", "1.0000", f"{r['top1_agreement']:.4f}"),
+        ("KL(FP32 ‖ INT8), nats", "0", f"{r['kl']:.5f}"),
+        ("output SQNR, dB (higher is better)", "∞", f"{r['sqnr_db']:.2f}"),
+        ("output cosine", "1.0000", f"{r['cosine']:.5f}"),
+        ("model size, bytes", f"{r['size_bytes_fp32']:,}",
+         f"{r['size_bytes_int8']:,} ({r['size_bytes_fp32'] / r['size_bytes_int8']:.2f}x smaller)"),
+        ("LiteRT latency batch 1, ms (median, XNNPACK)", f"{r['latency_ms_fp32_b1']:.3g}",
+         f"{r['latency_ms_int8_b1']:.3g} ({speed:.2f}x)"),
+        ("int8 coverage of compute ops", "", f"{r['int8_coverage'] * 100:.1f}%"),
+    ]
+
+
+def _counts(ops: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in ops.items()) or "none"
+
+
+def to_markdown(r: dict) -> str:
+    """A human-readable Markdown report for target ``litert``."""
+    par, ops = r.get("parity", {}), r["litert_ops_int8"]
+    lines = [
+        f"# lowbit INT8 report: {r.get('model', 'model')} → LiteRT",
+        "",
+        f"Recipe `{r.get('recipe', '?')}`, calibrator `{r.get('calibrator', '?')}`, target `litert`, "
+        f"{r.get('io', 'float')} input/output; {r.get('eval_samples', '?')} evaluation samples"
+        f"{(' — ' + r['eval_note']) if r.get('eval_note') else ''}. All INT8 figures are measured on the LiteRT "
+        f"interpreter {r.get('litert_version', '')} (XNNPACK delegate, {r.get('threads', '?')} threads) running "
+        "`model_int8.tflite`.",
+        "",
+        "| measure | FP32 | INT8 |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in summary_rows(r)],
+        "",
+        "## Parity: PyTorch simulation vs LiteRT interpreter",
+        "",
+        f"{'OK' if r['parity_ok'] else 'FAILED'}: {par.get('fraction_within_step', 0) * 100:.3f}% of "
+        f"{par.get('elements', 0):,} output elements agree within one output step ({par.get('step', 0):.4g}); "
+        f"max difference {par.get('max_abs_diff', 0):.4g}. Simulated INT8 metric: "
+        f"{r.get('metric_int8_simulated', float('nan')):.4f}.",
+        "",
+        "## What the .tflite files contain",
+        "",
+        f"- INT8 file, int8 ops: {_counts(ops['int8_ops'])}",
+        f"- INT8 file, float ops: {_counts(ops['float_ops'])}",
+        f"- INT8 file, all op types: {_counts(ops['op_types'])}",
+        f"- FP32 file: {_counts(r['litert_ops_fp32'])}",
+        f"- layout / conversion ops beyond the FP32 file: {_counts(r.get('extra_layout_ops', {}))}",
+        *([f"", f"**Warning: {r['slowdown']}.**"] if r.get("slowdown") else []),
+        "",
+        "## Layers left in float",
+        "",
+    ]
+    if r["float_layers"]:
+        lines += [f"- `{f['layer']}`: {f['reason']}" for f in r["float_layers"]]
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
