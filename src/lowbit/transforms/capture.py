@@ -21,7 +21,9 @@ of each specialised branch (the exported ONNX, a trace, holds that branch only a
 
 from __future__ import annotations
 
+import linecache
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -161,11 +163,25 @@ def _module_root(model: nn.Module, ep_module: fx.GraphModule) -> dict:
     return root
 
 
-def _draft_export(model: nn.Module, batch: torch.Tensor, dims: tuple) -> tuple:
+def _branch_from_error(exc: BaseException) -> list[str]:
+    """The user line named by a data-dependent error's message (``File "…", line N, in forward``), if any.
+
+    draft_export's own report can come back without failures (its log capture depends on global logging state
+    other libraries may have changed); the strict attempt's error still names the line."""
+    found = re.findall(r'File "([^"]+)", line (\d+), in \w+', str(exc))
+    if not found:
+        return []
+    path, line = found[-1]
+    source = linecache.getline(path, int(line)).strip()
+    return [f"line {line}: {source[:80]}"] if source else []
+
+
+def _draft_export(model: nn.Module, batch: torch.Tensor, dims: tuple, error: BaseException) -> tuple:
     """``torch.export.draft_export``: data-dependent branches are taken as the example input takes them.
 
     Returns:
-        the program and one line per specialised branch (``file:line  source``).
+        the program and one line per specialised branch (``line N: source``), from draft_export's report or,
+        when that is empty, from ``error`` (the failed strict attempt).
     """
     quiet = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes")]
     levels = [q.level for q in quiet]
@@ -181,7 +197,7 @@ def _draft_export(model: nn.Module, batch: torch.Tensor, dims: tuple) -> tuple:
         frames = (failure.data or {}).get("user_stack") or [{}]
         frame = frames[-1]
         branches.append(f"line {frame.get('line', '?')}: {str(frame.get('loc', '?')).strip()[:80]}")
-    return ep, branches or ["a data-dependent value"]
+    return ep, branches or _branch_from_error(error) or ["a data-dependent value"]
 
 
 def export_capture(model: nn.Module, example: torch.Tensor) -> Capture:
@@ -198,7 +214,7 @@ def export_capture(model: nn.Module, example: torch.Tensor) -> Capture:
     except Exception as exc:  # noqa: BLE001
         if "data-dependent" not in str(exc) and "DataDependent" not in type(exc).__name__:
             raise
-        ep, specialised = _draft_export(model, batch2, dims)
+        ep, specialised = _draft_export(model, batch2, dims, exc)
     flat = ep.module()
     root = _module_root(model, flat)
     graph = flat.graph
