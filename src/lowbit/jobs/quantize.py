@@ -1,4 +1,5 @@
-"""The quantize job: float model + calibration data + recipe → INT8 ONNX that ONNX Runtime runs, and a report.
+"""The quantize job: float model + calibration data + recipe → INT8 ONNX that ONNX Runtime runs (or, for recipe
+target ``litert``, an int8 ``.tflite`` run by the LiteRT interpreter: :mod:`lowbit.jobs.litert`), and a report.
 
     static:  prepare_ → calibrate → convert_ (and the recipe's passes) → export FP32 and INT8 ONNX
              → measure both on ONNX Runtime → write DIR
