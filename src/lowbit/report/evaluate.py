@@ -64,6 +64,26 @@ def latencies(fp32_path: Path, int8_path: Path, example: torch.Tensor, threads: 
     return out
 
 
+def pair_figures(ev: EvalSet, fp32_pred: Predict, int8_pred: Predict, ref: torch.Tensor, out: torch.Tensor,
+                 paths: tuple[Path, Path], threads: int) -> dict:
+    """The metric, error and size figures every FP32 / INT8 report has (ONNX Runtime and LiteRT alike)."""
+    return {
+        "metric_name": ev.metric_name,
+        "metric_fp32": _metric(ev, fp32_pred, ref, ref),
+        "metric_int8": _metric(ev, int8_pred, ref, out),
+        "top1_agreement": metrics.top1_agreement(ref, out),
+        "kl": metrics.kl_softmax(ref, out),
+        "sqnr_db": metrics.sqnr_db(ref, out),
+        "cosine": metrics.cosine(ref, out),
+        "mse": metrics.mse(ref, out),
+        "size_bytes_fp32": paths[0].stat().st_size,
+        "size_bytes_int8": paths[1].stat().st_size,
+        "eval_samples": int(ev.inputs.shape[0]),
+        "eval_note": ev.note,
+        "threads": threads,
+    }
+
+
 def evaluate_pair(
     fp32_path: Path,
     int8_path: Path,
@@ -83,21 +103,7 @@ def evaluate_pair(
     ref, out = fp32_pred(ev.inputs), int8_pred(ev.inputs)
     sim_pred = torch_predict(sim_model)
     sim = sim_pred(ev.inputs)
-    fig = {
-        "metric_name": ev.metric_name,
-        "metric_fp32": _metric(ev, fp32_pred, ref, ref),
-        "metric_int8": _metric(ev, int8_pred, ref, out),
-        "top1_agreement": metrics.top1_agreement(ref, out),
-        "kl": metrics.kl_softmax(ref, out),
-        "sqnr_db": metrics.sqnr_db(ref, out),
-        "cosine": metrics.cosine(ref, out),
-        "mse": metrics.mse(ref, out),
-        "size_bytes_fp32": fp32_path.stat().st_size,
-        "size_bytes_int8": int8_path.stat().st_size,
-        "eval_samples": int(ev.inputs.shape[0]),
-        "eval_note": ev.note,
-        "threads": threads,
-    }
+    fig = pair_figures(ev, fp32_pred, int8_pred, ref, out, (fp32_path, int8_path), threads)
     fig["metric_int8_simulated"] = _metric(ev, sim_pred, ref, sim)
     par = parity_with_segments(sim_model, int8_path, ev.inputs, sim, out, threads)
     fig["parity_ok"] = par.ok

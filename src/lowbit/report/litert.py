@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.analysis import metrics
 from lowbit.export.litert_flatbuffer import op_summary
 from lowbit.export.litert_runtime import latencies_ms, output_step, predictor
 from lowbit.export.runtime import ParityResult, parity
-from lowbit.report.evaluate import EvalSet, _metric, torch_predict
+from lowbit.report.evaluate import EvalSet, _metric, pair_figures, torch_predict
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +42,8 @@ def evaluate_litert_pair(fp32_path: Path, int8_path: Path, sim_model: nn.Module,
     lat = latencies_ms({"fp32": fp32_path, "int8": int8_path}, ev.inputs, threads, repeats)
     par = code_parity(sim, out, output_step(int8_path))
     fig = {
-        "metric_name": ev.metric_name,
-        "metric_fp32": _metric(ev, fp32_pred, ref, ref),
-        "metric_int8": _metric(ev, int8_pred, ref, out),
+        **pair_figures(ev, fp32_pred, int8_pred, ref, out, (fp32_path, int8_path), threads),
         "metric_int8_simulated": _metric(ev, sim_pred, ref, sim),
-        "top1_agreement": metrics.top1_agreement(ref, out),
-        "kl": metrics.kl_softmax(ref, out),
-        "sqnr_db": metrics.sqnr_db(ref, out),
-        "cosine": metrics.cosine(ref, out),
-        "mse": metrics.mse(ref, out),
-        "size_bytes_fp32": fp32_path.stat().st_size,
-        "size_bytes_int8": int8_path.stat().st_size,
-        "eval_samples": int(ev.inputs.shape[0]),
-        "eval_note": ev.note,
-        "threads": threads,
         "parity_ok": par.ok,
         "parity": par.to_dict(),
         "latency_ms_fp32_b1": lat["fp32"],
