@@ -17,6 +17,7 @@ from lowbit.export.litert_flatbuffer import op_summary
 from lowbit.export.litert_runtime import latencies_ms, output_step, predictor
 from lowbit.export.runtime import ParityResult, parity
 from lowbit.report.evaluate import EvalSet, _metric, pair_figures, torch_predict
+from lowbit.report.render import float_layer_lines, op_counts
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,6 @@ def summary_rows(r: dict) -> list[tuple[str, str, str]]:
     ]
 
 
-def _counts(ops: dict) -> str:
-    return ", ".join(f"{k} x{v}" for k, v in ops.items()) or "none"
-
-
 def to_markdown(r: dict) -> str:
     """A human-readable Markdown report for target ``litert``."""
     par, ops = r.get("parity", {}), r["litert_ops_int8"]
@@ -126,18 +123,13 @@ def to_markdown(r: dict) -> str:
         "",
         "## What the .tflite files contain",
         "",
-        f"- INT8 file, int8 ops: {_counts(ops['int8_ops'])}",
-        f"- INT8 file, float ops: {_counts(ops['float_ops'])}",
-        f"- INT8 file, all op types: {_counts(ops['op_types'])}",
-        f"- FP32 file: {_counts(r['litert_ops_fp32'])}",
-        f"- layout / conversion ops beyond the FP32 file: {_counts(r.get('extra_layout_ops', {}))}",
+        f"- INT8 file, int8 ops: {op_counts(ops['int8_ops'])}",
+        f"- INT8 file, float ops: {op_counts(ops['float_ops'])}",
+        f"- INT8 file, all op types: {op_counts(ops['op_types'])}",
+        f"- FP32 file: {op_counts(r['litert_ops_fp32'])}",
+        f"- layout / conversion ops beyond the FP32 file: {op_counts(r.get('extra_layout_ops', {}))}",
         *([f"", f"**Warning: {r['slowdown']}.**"] if r.get("slowdown") else []),
         "",
-        "## Layers left in float",
-        "",
+        *float_layer_lines(r),
     ]
-    if r["float_layers"]:
-        lines += [f"- `{f['layer']}`: {f['reason']}" for f in r["float_layers"]]
-    else:
-        lines.append("None.")
     return "\n".join(lines) + "\n"

@@ -98,14 +98,15 @@ def to_markdown(r: dict) -> str:
           if r.get("target") == "tensorrt" else []),
         *executed_lines(r),
         "",
-        "## Layers left in float",
-        "",
+        *float_layer_lines(r),
     ]
-    if r["float_layers"]:
-        lines += [f"- `{f['layer']}`{_node_note(f)}: {f['reason']}" for f in r["float_layers"]]
-    else:
-        lines.append("None.")
     return "\n".join(lines) + "\n"
+
+
+def float_layer_lines(r: dict) -> list[str]:
+    """The report's "Layers left in float" section (``float_layers``, with the ONNX node where it differs)."""
+    listed = [f"- `{f['layer']}`{_node_note(f)}: {f['reason']}" for f in r["float_layers"]]
+    return ["## Layers left in float", "", *(listed or ["None."])]
 
 
 def segment_lines(seg: dict | None) -> list[str]:
@@ -123,7 +124,8 @@ def segment_lines(seg: dict | None) -> list[str]:
             "flipped codes spread through the depth.", ""]
 
 
-def _counts(ops: dict) -> str:
+def op_counts(ops: dict) -> str:
+    """``{"Conv": 3}`` → ``"Conv x3"`` (``"none"`` when empty)."""
     return ", ".join(f"{k} x{v}" for k, v in ops.items()) or "none"
 
 
@@ -135,15 +137,15 @@ def executed_lines(r: dict) -> list[str]:
     """What ONNX Runtime executes: integer kernels, Q/DQ conversions and float ops as separate lists."""
     if "integer_kernel_ops" not in r:  # a report from before the split: one list, labelled as such
         return [f"ONNX Runtime executes {r.get('int8_kernels', 0)} integer kernels among: "
-                + _counts(r.get("executed_op_types", {}))]
+                + op_counts(r.get("executed_op_types", {}))]
     heavy = r.get("float_heavy_ops", [])
     lines = [
         "## What ONNX Runtime executes",
         "",
-        f"- integer kernels ({sum(r['integer_kernel_ops'].values())}): {_counts(r['integer_kernel_ops'])}",
+        f"- integer kernels ({sum(r['integer_kernel_ops'].values())}): {op_counts(r['integer_kernel_ops'])}",
         f"- float ↔ integer conversions ({sum(r.get('qdq_conversion_ops', {}).values())}): "
-        f"{_counts(r.get('qdq_conversion_ops', {}))}",
-        f"- float ops and data movement ({sum(r.get('float_ops', {}).values())}): {_counts(r.get('float_ops', {}))}",
+        f"{op_counts(r.get('qdq_conversion_ops', {}))}",
+        f"- float ops and data movement ({sum(r.get('float_ops', {}).values())}): {op_counts(r.get('float_ops', {}))}",
         f"- heavy ops (Conv, MatMul, Gemm, LSTM, ...) executed in float: {len(heavy)}"
         + ("" if not heavy else " — " + ", ".join(f"`{h['layer']}` ({h['op']})" for h in heavy)),
     ]
