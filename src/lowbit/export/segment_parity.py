@@ -89,8 +89,9 @@ def activation_q_outputs(proto: onnx.ModelProto) -> dict[str, str]:
     return found
 
 
-def _engine_codes(path: Path, inputs: torch.Tensor, wanted: dict[str, str], threads: int) -> tuple[dict, np.ndarray]:
-    proto = onnx.load(str(path))
+def _engine_codes(proto: onnx.ModelProto, inputs: torch.Tensor, wanted: dict[str, str],
+                  threads: int) -> tuple[dict, np.ndarray]:
+    """Run ``proto`` with the ``wanted`` tensors as extra outputs: ``({scope: codes}, first output)``."""
     for tensor in wanted.values():
         proto.graph.output.append(onnx.ValueInfoProto(name=tensor))
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,10 +164,10 @@ def segment_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor, thr
     if not quantizers:
         return None
     inputs = inputs[:MAX_INPUTS]
-    wanted = activation_q_outputs(onnx.load(str(path)))
+    proto = onnx.load(str(path))
+    wanted = activation_q_outputs(proto)
     missing = sorted(k for k in quantizers if k not in wanted)
-    codes, engine_out = _engine_codes(Path(path), inputs, {k: v for k, v in wanted.items() if k in quantizers},
-                                      threads)
+    codes, engine_out = _engine_codes(proto, inputs, {k: v for k, v in wanted.items() if k in quantizers}, threads)
     forcing = _Forcing(quantizers, codes)
     try:
         with torch.no_grad():
