@@ -107,26 +107,13 @@ def quantize_to_dir(
         pass_seconds: dict[str, float] = {}
         qmodel = quantize(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds)
         calib_seconds = time.perf_counter() - t0
-        report = dict(labels or {})
-        if recipe.target == "litert":
-            from lowbit.jobs.litert import litert_outputs_and_figures  # the LiteRT packages load only here
-
-            report.update(litert_outputs_and_figures(staging, qmodel, example_input, eval_set, threads, repeats, io))
-            (staging / "recipe.yaml").write_text(recipe.to_yaml())
-            # the flatbuffer says what runs in float (the converter quantizes e.g. a sigmoid between two
-            # quantizers itself); lowbit's own list adds the layers a recipe rule keeps float
-            ruled = [f for f in float_layers(qmodel) if "recipe rule" in f["reason"]]
-            floats = ruled + report.pop("float_compute")
-        else:
-            fp32_path, int8_path = export_models(staging, qmodel, qmodel, example_input, recipe)
-            report.update(evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats))
-            floats = merge_float_layers(float_layers(qmodel), report["float_heavy_ops"])
+        report = {**(labels or {}), **_outputs_and_figures(staging, qmodel, example_input, recipe, eval_set,
+                                                            threads, repeats, io)}
         report.update({
             "target": recipe.target,
             "calib_seconds": calib_seconds,
             "passes": ordered(recipe.passes),  # in the order they ran
             "pass_seconds": pass_seconds,
-            "float_layers": floats,
             "capture": getattr(getattr(qmodel, "lowbit_info", None), "capture", ""),
             **run_facts(),
             **provenance,
@@ -136,6 +123,24 @@ def quantize_to_dir(
             on_report(report, staging)
         write_report(staging, report)
     return QuantizeResult(qmodel, report, out_dir)
+
+
+def _outputs_and_figures(staging: Path, qmodel: nn.Module, example: torch.Tensor, recipe: Recipe,
+                         eval_set: EvalSet, threads: int, repeats: int, io: str) -> dict:
+    """Write the two models (ONNX, or ``.tflite`` for target litert) and ``recipe.yaml``; return their measured
+    figures with ``float_layers``."""
+    if recipe.target == "litert":
+        from lowbit.jobs.litert import litert_outputs_and_figures  # the LiteRT packages load only here
+
+        figures = litert_outputs_and_figures(staging, qmodel, example, eval_set, threads, repeats, io)
+        (staging / "recipe.yaml").write_text(recipe.to_yaml())
+        # the flatbuffer says what runs in float (the converter quantizes e.g. a sigmoid between two quantizers
+        # itself); lowbit's own list adds the layers a recipe rule keeps float
+        ruled = [f for f in float_layers(qmodel) if "recipe rule" in f["reason"]]
+        return {**figures, "float_layers": ruled + figures.pop("float_compute")}
+    fp32_path, int8_path = export_models(staging, qmodel, qmodel, example, recipe)
+    figures = evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats)
+    return {**figures, "float_layers": merge_float_layers(float_layers(qmodel), figures["float_heavy_ops"])}
 
 
 def _quantize_mode_to_dir(model: nn.Module, example_input: torch.Tensor, calib_data: Data | None, recipe: Recipe,
