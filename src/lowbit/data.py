@@ -3,7 +3,9 @@
 Data enters as any iterable of batches or as a ``forward_loop(model)`` callable; lowbit never owns a
 DataLoader. A batch that is a Tensor is passed as ``model(batch)``; a tuple/list as ``model(batch[0])``
 (the usual ``(inputs, labels)`` pair); a dict as ``model(**batch)``. A single Tensor holding the whole set
-is cut into batches of ``batch_size`` along dim 0.
+is cut into batches of ``batch_size`` along dim 0. Every batch is moved to the model's device as it is fed
+(:func:`lowbit.device.to_device`), so data may stay on the CPU (or be memory-mapped) while the model runs on
+CUDA.
 
 >>> import torch
 >>> [b.shape[0] for b in iter_batches(torch.zeros(5, 2), batch_size=2)]
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lowbit.device import model_device, to_device
+
 Data = Iterable[Any] | Callable[[nn.Module], Any] | torch.Tensor
 
 
@@ -37,7 +41,10 @@ def iter_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 32) -> It
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on one batch following the conventions in the module docstring."""
+    """Call ``model`` on one batch following the conventions in the module docstring; the batch's tensors
+    move to the device of an ``nn.Module`` model first."""
+    if isinstance(model, nn.Module):
+        batch = to_device(batch, model_device(model))
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):

@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "lowbit"
 
 # Lowest first. A package may import from its own package and from any package of a lower layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("core", "data", "outdir", "zoo"),  # leaves: they import nothing of lowbit
+    ("device", "progress"),  # where a job runs, how far it is: import nothing of lowbit
+    ("core", "data", "outdir", "zoo"),  # leaves: they import nothing of lowbit but device
     ("observers",),
     ("nn",),
     ("transforms",),

@@ -258,15 +258,16 @@ def analyze_converted(qmodel: nn.Module, data, metric_fn: Callable | None = None
 
 def analyze(model: nn.Module, data, recipe, example_input: torch.Tensor | None = None,
             metric_fn: Callable | None = None, budget_seconds: float = 60.0, batch_size: int = DEFAULT_BATCH,
-            progress: Callable | None = None) -> AnalysisResult:
+            progress: Callable | None = None, device: str | torch.device | None = None) -> AnalysisResult:
     """Quantize a copy of the FLOAT ``model`` with ``recipe`` (calibrated on ``data``) and analyse it.
 
     Calibration and analysis use the same ``data``; see :func:`analyze_converted` for the arguments.
-    ``seconds`` in the result includes the quantization.
+    ``seconds`` in the result includes the quantization. ``device``: where both run (``cpu``, ``cuda``,
+    ``auto``; None: ``model``'s device); batches move there one at a time.
     """
     t0 = time.perf_counter()
     calib = data if isinstance(data, torch.Tensor) else list(iter_batches(data, batch_size))
-    qmodel = quantize(model, calib, recipe, example_input, show_progress=False)
+    qmodel = quantize(model, calib, recipe, example_input, show_progress=False, device=device)
     result = analyze_converted(qmodel, calib, metric_fn, budget_seconds, batch_size, progress)
     result.seconds = time.perf_counter() - t0
     return result

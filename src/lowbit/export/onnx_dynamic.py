@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from lowbit.device import on_cpu
 from lowbit.export.onnx_static import DEFAULT_OPSET, atomic_write_bytes, export_mode
 from lowbit.export.runtime import ParityResult, make_session, parity, run_session
 from lowbit.nn.dynamic import DynamicMixin
@@ -69,6 +70,7 @@ def export_dynamic_onnx(model: nn.Module, example: torch.Tensor, path: str | Pat
             a disagreement is logged as a warning.
     """
     path = Path(path)
+    model, example = on_cpu(model), example.cpu()  # traced on the CPU; the caller's model stays put
     proto = trace_to_onnx(model, example, opset)
     atomic_write_bytes(path, proto.SerializeToString())
     log.info("wrote %s (%d nodes)", path, len(proto.graph.node))
@@ -91,6 +93,7 @@ def run_onnx_batched(session: ort.InferenceSession, x: torch.Tensor, batch_size:
 def check_parity_any(model: nn.Module, path: str | Path, inputs: torch.Tensor, threads: int = 2,
                      step: float | None = None) -> ParityResult:
     """``export.runtime.parity`` of ONNX Runtime running ``path`` and ``model`` on ``inputs`` (any input dtype)."""
+    model, inputs = on_cpu(model), inputs.cpu()
     engine = run_onnx_batched(make_session(path, threads), inputs)
     with torch.no_grad():
         sim = torch.cat([model(chunk) for chunk in torch.split(inputs, 32)])

@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from lowbit.device import on_cpu
 from lowbit.export.onnx_int4 import INT8_OPSET, TORCH_MAX_OPSET, finalize_lowbit, resolve_opset
 from lowbit.export.optimize import clean_onnx
 from lowbit.export.runtime import ParityResult, make_session, run_session
@@ -105,6 +106,7 @@ def export_onnx(
     if target not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown export target {target!r}; use onnxruntime or tensorrt")
     path = Path(path)
+    model, example_input = on_cpu(model), example_input.cpu()  # traced on the CPU; the caller's model stays put
     ctx = quantizers_disabled(model) if float_model else contextlib.nullcontext()
     with ctx:
         proto = to_onnx_model(model, example_input, opset, clean)  # checks opset (resolve_opset)
@@ -122,6 +124,7 @@ def export_onnx(
 def check_onnx_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor, threads: int = 2) -> ParityResult:
     """Run ``inputs`` through the exported file on ONNX Runtime and through ``model``; compare within one output
     step, and tensor by tensor when that fails (``export.segment_parity.parity_with_segments``)."""
+    model, inputs = on_cpu(model), inputs.cpu()
     engine = run_session(make_session(path, threads), inputs)
     with torch.no_grad():
         sim = model(inputs)

@@ -31,6 +31,7 @@ import onnx
 import torch
 from torch import nn
 
+from lowbit.device import on_cpu
 from lowbit.core import PerTensor
 from lowbit.export.runtime import PARITY_FRACTION, ParityResult, input_feed, make_session, parity
 from lowbit.nn import TensorQuantizer
@@ -160,10 +161,11 @@ def segment_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor, thr
         the result (on the first ``MAX_INPUTS`` inputs), or None when the model has no graph-placed quantizers
         to match (module-swap capture).
     """
+    model = on_cpu(model)  # compared with ONNX Runtime's codes on the CPU; the caller's model stays put
     quantizers = _graph_quantizers(model)
     if not quantizers:
         return None
-    inputs = inputs[:MAX_INPUTS]
+    inputs = inputs[:MAX_INPUTS].cpu()
     proto = onnx.load(str(path))
     wanted = activation_q_outputs(proto)
     missing = sorted(k for k in quantizers if k not in wanted)
@@ -199,7 +201,7 @@ def parity_with_segments(model: nn.Module, path: str | Path, inputs: torch.Tenso
     engine's own inputs (so the output differences are float-op rounding spread through the depth, not a
     kernel or placement the simulation gets wrong).
     """
-    out = parity(sim_out, engine_out)
+    out = parity(sim_out.cpu(), engine_out)
     if out.ok:
         return out
     seg = segment_parity(model, path, inputs, threads)

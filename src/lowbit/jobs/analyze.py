@@ -23,6 +23,7 @@ import onnx
 import torch
 from torch import nn
 
+from lowbit.device import place
 from lowbit.analysis import analyze
 from lowbit.analysis.onnx_tensors import OUTPUT_CONSUMER, analyze_onnx, first_nonfinite, quantized_tensors, to_json
 from lowbit.analysis.tensorwise import match_by_qparams, quantized_activation_errors
@@ -111,15 +112,18 @@ def engine_analysis(model: nn.Module, example_input: torch.Tensor, calib, eval_i
 def analyze_to_dir(model: nn.Module, example_input: torch.Tensor, calib, eval_inputs: torch.Tensor, recipe: Recipe,
                    out_dir: str | Path, force: bool = False, labels: dict | None = None, title: str = "",
                    budget_seconds: float = 60.0, batch_size: int = 8, engine: bool = False,
-                   progress: Callable[[int, int, str], None] | None = None) -> AnalyzeResult:
+                   progress: Callable[[int, int, str], None] | None = None,
+                   device: str | torch.device | None = None) -> AnalyzeResult:
     """Analyse ``model`` quantized with ``recipe`` on ``calib`` and write the analysis folder (module doc).
 
     Args:
         labels: descriptive fields added to both JSON files (``model``, ``data``, ``recipe``).
         engine: also analyse the exported INT8 model on ONNX Runtime on ``eval_inputs``.
         progress: ``progress(done, total, label)`` for the sensitivity sweeps.
+        device: where quantization and the analysis run (``cpu``, ``cuda``, ``auto``; None: ``model``'s).
     """
     out_dir = Path(out_dir)
+    model = place(model, device)
     check_output_dir(out_dir, force)
     recipe = recipe.for_machine()
     engine_json = None
@@ -128,7 +132,7 @@ def analyze_to_dir(model: nn.Module, example_input: torch.Tensor, calib, eval_in
                          progress=progress)
         analysis = result.to_json()
         analysis.update({**(labels or {}), "calibrator": recipe.default_input.calibrator,
-                         "samples": int(calib.shape[0])})
+                         "samples": int(len(calib))})
         if engine:
             engine_json = engine_analysis(model, example_input, calib, eval_inputs, recipe, batch_size)
             engine_json.update(labels or {})

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.device import place
 from lowbit.data import Data
 from lowbit.jobs.outputs import export_models, float_layers, run_facts, write_report
 from lowbit.outdir import staged_output
@@ -74,6 +75,7 @@ def quantize_to_dir(
     mode: str = "static",
     embedding: bool = False,
     io: str = "float",
+    device: str | torch.device | None = None,
 ) -> QuantizeResult:
     """Run the whole quantize job and write ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.yaml``,
     ``report.json``, ``report.md`` (and ``calibration.cache`` for target tensorrt) into ``out_dir``.
@@ -88,6 +90,8 @@ def quantize_to_dir(
         mode: ``static`` (calibrated activations) or ``dynamic`` (activations quantized at run time).
         embedding: report embedding metrics (mean cosine, nearest-neighbour agreement) instead of top-1.
         io: target ``litert`` only: ``float`` input / output (default) or ``int8`` tensors.
+        device: where calibration, the passes and the simulation run (``cpu``, ``cuda``, ``auto`` or a
+            ``torch.device``; None: ``model``'s device). Export and ONNX Runtime work on a CPU copy.
 
     Target ``litert`` writes ``model_fp32.tflite`` / ``model_int8.tflite`` instead of the ONNX files and measures
     them on the LiteRT interpreter (:mod:`lowbit.jobs.litert`).
@@ -97,6 +101,7 @@ def quantize_to_dir(
     if not isinstance(eval_set, EvalSet):
         eval_set = EvalSet(eval_set)
     recipe = recipe.for_machine()  # this machine's weight bits, written into recipe.yaml
+    model = place(model, device)
     if mode == "dynamic" or embedding:
         return _quantize_mode_to_dir(model, example_input, calib_data, recipe, Path(out_dir), eval_set, mode,
                                      embedding, force, labels, threads, repeats)

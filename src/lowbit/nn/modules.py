@@ -117,7 +117,7 @@ class QuantLayerMixin:
         scale = (q_in.scale.reshape(()) * s_w).reshape(-1)
         if scale.numel() == 1:
             scale = scale.expand(self.bias.numel())
-        return scale.contiguous(), torch.zeros(self.bias.numel(), dtype=torch.int32)
+        return scale.contiguous(), torch.zeros(self.bias.numel(), dtype=torch.int32, device=scale.device)
 
     def fit_bias_range_(self) -> int:
         """Raise weight scales so every bias code fits: ``s_w ≥ |b| / (s_in · 2^30)`` (per output channel).

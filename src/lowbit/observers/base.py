@@ -115,6 +115,7 @@ class Observer:
         mask, lo, hi = self._screen(x)
         if lo is None:
             return
+        self._follow(x.device)
         self._observe(x, mask, lo, hi)
         self._seen += x.numel() if mask is None else int(mask.sum())
 
@@ -202,6 +203,17 @@ class Observer:
             return mask, None, None
         lo, hi = torch.aminmax(x[mask])
         return mask, lo, hi
+
+    def _follow(self, device: torch.device) -> None:
+        """Move the statistics (tensor attributes, and tensors in dict attributes) to ``device``, the device of
+        the batches: statistics loaded from a CPU state keep up with a model moved to CUDA."""
+        for key, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(self, key, value.to(device))
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    if isinstance(v, torch.Tensor) and v.device != device:
+                        value[k] = v.to(device)
 
     def _check_compatible(self, other: dict[str, Any]) -> None:
         if not isinstance(other, dict) or "observer" not in other:

@@ -185,7 +185,9 @@ class HistogramObserver(Observer):
             lo, hi = rules.entropy_range(hist, n_q, self.options["smoothing_eps"])
         else:
             lo, hi = rules.mse_range(hist, spec.qmin, spec.qmax, spec.symmetric, self.options["mse_candidates"])
-        return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+        device = self.counts.device  # the qparams live where the statistics (and the model) live
+        return (torch.tensor(lo, dtype=torch.float32, device=device),
+                torch.tensor(hi, dtype=torch.float32, device=device))
 
     # ------------------------------------------------------------------ state
     def _stats_state(self) -> dict[str, Any]:

@@ -10,10 +10,10 @@ import logging
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from lowbit.data import Data, iter_batches, run_batch  # noqa: F401 (Data re-exported)
+from lowbit.progress import progress_steps
 from lowbit.transforms.prepare import start_calibration_
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def calibrate(model: nn.Module, data: Data, batch_size: int = 32, show_progress:
         model: a model returned by ``prepare_``.
         data: iterable of batches, a Tensor of inputs, or ``forward_loop(model)``.
         batch_size: batch size when ``data`` is one Tensor.
-        show_progress: draw a rich progress bar.
+        show_progress: report progress per batch (``lowbit.progress``: the command line draws a bar).
 
     Returns:
         ``model``, with quantizers calibrating; call ``convert_`` to freeze them.
@@ -46,14 +46,11 @@ def calibrate(model: nn.Module, data: Data, batch_size: int = 32, show_progress:
         if callable(data) and not isinstance(data, (torch.Tensor, nn.Module)) and not hasattr(data, "__iter__"):
             data(model)
             return model
-        columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, transient=True, disable=not show_progress) as progress:
-            task = progress.add_task("calibrate", total=_total(data, batch_size))
-            n = 0
-            for batch in iter_batches(data, batch_size):
-                run_batch(model, batch)
-                n += 1
-                progress.advance(task)
+        n = 0
+        batches = iter_batches(data, batch_size)
+        for batch in progress_steps(batches, "calibrating", _total(data, batch_size), enabled=show_progress):
+            run_batch(model, batch)
+            n += 1
     if n == 0:
         raise ValueError("calibration data is empty: no batch was seen")
     log.info("calibrated on %d batches", n)

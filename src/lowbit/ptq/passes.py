@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from lowbit.data import Data
+from lowbit.device import copy_to, model_device, resolve_device
+from lowbit.progress import progress_steps
 from lowbit.nn import engine_emulation
 from lowbit.ptq.calibrate import calibrate
 from lowbit.ptq.capture import ForwardLoop
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def run_passes(model: nn.Module, names: list[str], loop: ForwardLoop, timings: dict[str, float]) -> None:
     """Run ``names`` (already ordered) on ``model``, recording seconds per pass into ``timings``."""
-    for name in names:
+    for name in progress_steps(names, "post-training passes") if names else ():
         t0 = time.perf_counter()
         PASS_REGISTRY[name].load()(model, loop)
         timings[name] = time.perf_counter() - t0
@@ -38,7 +40,7 @@ def run_passes(model: nn.Module, names: list[str], loop: ForwardLoop, timings: d
 
 def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
              show_progress: bool = True, pass_batches: int | None = None,
-             timings: dict[str, float] | None = None) -> nn.Module:
+             timings: dict[str, float] | None = None, device: str | torch.device | None = None) -> nn.Module:
     """prepare_ → calibrate → convert_ on a copy of ``model``, with the recipe's passes in pipeline order;
     returns the converted (fake-quantized) model (``lowbit.quantize``).
 
@@ -46,14 +48,20 @@ def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: 
         pass_batches: the passes see at most this many calibration batches (None: all); calibration itself
             always uses all of them.
         timings: filled with seconds per pass when given.
+        device: where the copy runs: ``"cpu"``, ``"cuda"`` / ``"cuda:N"``, ``"auto"`` (CUDA when available)
+            or a ``torch.device``; None keeps ``model``'s device. Batches move there one at a time, so the
+            calibration data may stay on the CPU. The returned model and all its state live there.
 
     Raises:
         ValueError: an LSTM / GRU / RNN layer that no recipe rule keeps in float (``ptq.recurrent``).
+        DeviceError: ``device`` names CUDA on a machine without it (a ``ValueError``).
     """
     timings = {} if timings is None else timings
     names = ordered(recipe.passes)
+    target = model_device(model) if device is None else resolve_device(device, "device=")
     kept_recurrent = check_recurrent(model, recipe)  # static recipe: no LSTM / GRU unless kept float
-    prepared = prepare_(copy.deepcopy(model).eval(), recipe, example_input)
+    prepared = prepare_(copy_to(model, target).eval(), recipe, example_input)
+    log.info("quantizing on %s", target)
     info = getattr(prepared, "lowbit_info", None)
     if info is not None:
         info.float_layers.extend(k for k in kept_recurrent if k[0] not in {n for n, _ in info.float_layers})

@@ -39,7 +39,8 @@ class QATLayerMixin:
         self.qat_config = config
         if bn is not None:
             self.bn = bn
-            self.register_buffer("qat_steps", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("qat_steps", torch.zeros((), dtype=torch.int64, device=self.weight.device))
+            self._steps_cache = 0
 
     def _engine_ready(self) -> bool:
         return False
@@ -71,7 +72,19 @@ class QATLayerMixin:
     def bn_frozen(self) -> bool:
         """True once the BatchNorm uses (and keeps) its running statistics."""
         step = self.qat_config.freeze_bn_step
-        return step is not None and int(self.qat_steps) >= step
+        return step is not None and self.steps_done() >= step
+
+    def steps_done(self) -> int:
+        """Training steps of the simulated BatchNorm, from a host-side copy of ``qat_steps`` (no GPU wait per
+        forward pass); refreshed when a checkpoint is loaded."""
+        cached = self.__dict__.get("_steps_cache")
+        if cached is None:
+            cached = self._steps_cache = int(self.qat_steps)
+        return cached
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.__dict__["_steps_cache"] = None  # qat_steps comes from the checkpoint
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x, *args, **kwargs):
         if not self.has_bn:
@@ -96,6 +109,7 @@ class QATLayerMixin:
         live = self.training and not self.bn_frozen()
         if self.training:
             self.qat_steps += 1
+            self._steps_cache = self.steps_done() + 1
         k = self._bn_factor()
         w = self.weight_quantizer(self.folded_weight())
         y_shape = [1] * 2 + [1] * (x.ndim - 2)
@@ -122,6 +136,7 @@ class QATLayerMixin:
             del self._modules["bn"]
             self._buffers.pop("qat_steps", None)
         self.__dict__.pop("qat_config", None)
+        self.__dict__.pop("_steps_cache", None)
         self.__class__ = self._ptq_class
         return self
 

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from lowbit.device import model_device, to_device
 from lowbit.nn import QuantLayerMixin, QuantState
 from lowbit.data import Data, iter_batches, run_batch
 from lowbit.qat.config import QATConfig
@@ -203,6 +204,8 @@ def prepare_qat_(
     if from_ptq and calib_data is None:
         raise ValueError("prepare_qat_(from_ptq=True) needs calib_data")
     recipe = recipe.for_machine()
+    device = model_device(model)
+    example_input = to_device(example_input, device)
     if recipe.passes:
         log.warning("prepare_qat_ does not run post-training passes; recipe passes %s are ignored", ", ".join(recipe.passes))
     try:
@@ -215,6 +218,7 @@ def prepare_qat_(
         info = _prepare_graph(gm, recipe, config)
         gm.lowbit_info = info
         prepared = gm
+    prepared.to(device)  # quantizers are created on the CPU; ranges and step counters follow them
     _upgrade(prepared, config, example_input)
     if from_ptq:
         calibrate_qat_(prepared, calib_data)

@@ -81,7 +81,8 @@ class LearnableQuantizer(TensorQuantizer):
         q.role, q.config = role, config
         q.observer_steps = config.observer_steps
         q.ranges_ready = False
-        q.register_buffer("qat_steps", torch.zeros((), dtype=torch.int64))
+        q.register_buffer("qat_steps", torch.zeros((), dtype=torch.int64, device=q.scale.device))
+        q._steps_cache = None
         q.register_parameter("learn_scale", None)
         q.register_parameter("learn_offset", None)
         return q
@@ -93,16 +94,17 @@ class LearnableQuantizer(TensorQuantizer):
         if not self.config.learn_ranges:
             return
         shape = qparam_shape(tuple(tensor_shape), self.spec.granularity)
-        self.learn_scale = nn.Parameter(torch.ones(shape))
+        device = self.scale.device  # the model's device (prepare moved the quantizer there)
+        self.learn_scale = nn.Parameter(torch.ones(shape, device=device))
         if self.config.learn_offset and not self.spec.symmetric:
-            self.learn_offset = nn.Parameter(torch.zeros(shape))
+            self.learn_offset = nn.Parameter(torch.zeros(shape, device=device))
 
     @property
     def phase(self) -> str:
         """``observe``, ``learn`` (ranges are parameters) or ``fixed`` (observer frozen, nothing learnt)."""
         if self.ranges_ready:
             return "learn"
-        if int(self.qat_steps) < self.observer_steps or self.state is not QuantState.FROZEN:
+        if self.steps_done() < self.observer_steps or self.state is not QuantState.FROZEN:
             return "observe"
         return "learn" if self.learn_scale is not None else "fixed"
 
@@ -118,6 +120,15 @@ class LearnableQuantizer(TensorQuantizer):
         super().reset()
         self.ranges_ready = False
         self.qat_steps.zero_()
+        self._steps_cache = 0
+
+    def steps_done(self) -> int:
+        """Training steps seen (``qat_steps``), read from a host-side copy: reading the buffer itself would
+        wait for the GPU on every forward pass. The copy is refreshed when a checkpoint is loaded."""
+        cached = self.__dict__.get("_steps_cache")
+        if cached is None:
+            cached = self._steps_cache = int(self.qat_steps)
+        return cached
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +141,7 @@ class LearnableQuantizer(TensorQuantizer):
         return super().forward(x)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = int(self.qat_steps)
+        step = self.steps_done()
         if step < self.observer_steps or self.state is not QuantState.FROZEN:
             self._observe_step(x)
         if step >= self.observer_steps and self.learn_scale is not None and not self.ranges_ready:
@@ -138,6 +149,7 @@ class LearnableQuantizer(TensorQuantizer):
                 self.init_from_tensor_(x)
             self._hand_over()
         self.qat_steps += 1
+        self._steps_cache = step + 1
         return self._fake_quant(x, learned=self.ranges_ready)
 
     def _observe_step(self, x: torch.Tensor) -> None:
@@ -177,7 +189,7 @@ class LearnableQuantizer(TensorQuantizer):
             if self.learn_offset is not None:
                 self.learn_offset.copy_(self.zero_point.reshape(self.learn_offset.shape).float())
         self.ranges_ready = True
-        log.debug("quantizer %s: ranges become learnable at step %d", self.qname, int(self.qat_steps))
+        log.debug("quantizer %s: ranges become learnable at step %d", self.qname, self.steps_done())
 
     def learned_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(clamp(s, ε), z)`` as used by the forward pass (with gradients); ``z`` is a float offset or the
@@ -227,7 +239,9 @@ class LearnableQuantizer(TensorQuantizer):
         for key in ("scale", "zero_point"):  # qparams take their compact shape at the first observation
             incoming = state_dict.get(prefix + key)
             if isinstance(incoming, torch.Tensor) and incoming.shape != self._buffers[key].shape:
-                self._buffers[key] = torch.empty(incoming.shape, dtype=self._buffers[key].dtype)
+                old = self._buffers[key]
+                self._buffers[key] = torch.empty(incoming.shape, dtype=old.dtype, device=old.device)
+        self._steps_cache = None  # qat_steps comes from the checkpoint
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ conversion
@@ -247,7 +261,7 @@ class LearnableQuantizer(TensorQuantizer):
         for name in ("learn_scale", "learn_offset"):
             self._parameters.pop(name, None)
         self._buffers.pop("qat_steps", None)
-        for attr in ("role", "config", "observer_steps", "ranges_ready"):
+        for attr in ("role", "config", "observer_steps", "ranges_ready", "_steps_cache"):
             self.__dict__.pop(attr, None)
         self.__class__ = TensorQuantizer
         self.set_qparams(scale, zero_point)

@@ -1,4 +1,4 @@
-"""Keeping QAT state identical on every rank of a ``torch.distributed`` group (gloo on CPU).
+"""Keeping QAT state identical on every rank of a ``torch.distributed`` group (gloo on CPU, NCCL on CUDA).
 
 Under ``DistributedDataParallel`` the parameters (weights, learnable scales and offsets) stay identical
 because their gradients are averaged. What DDP does not cover is synchronised here, inside the forward pass
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.data import rank_and_world
+from lowbit.device import model_device
 
 
 def world_size() -> int:
@@ -51,13 +52,14 @@ def all_reduce_extrema(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor
     return lo, hi
 
 
-def _update_running(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+def _update_running(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                    n: torch.Tensor) -> None:
     """BatchNorm's running-statistics update (unbiased variance), as ``F.batch_norm`` does it."""
     if not _tracks(bn):
         return
     with torch.no_grad():
         momentum = _momentum(bn)
-        unbiased = var * (n / max(n - 1.0, 1.0))
+        unbiased = var * (n / (n - 1.0).clamp(min=1.0))  # n stays a tensor: no wait for the device
         bn.running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
         bn.running_var.mul_(1 - momentum).add_(unbiased.detach() * momentum)
 
@@ -79,7 +81,7 @@ def batch_norm_train(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> to
     c = y.shape[1]
     count = torch.full((1,), float(y.numel() // c), dtype=y.dtype, device=y.device)
     stats = _AllReduceSum.apply(torch.cat([y.sum(dims), (y * y).sum(dims), count]))
-    n = float(stats[-1].detach())
+    n = stats[-1].detach()
     mean = stats[:c] / n
     var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
     _update_running(bn, mean, var, n)
@@ -115,4 +117,8 @@ def wrap_ddp(model: nn.Module) -> nn.Module:
         return model
     waiting = any(getattr(m, "learn_scale", None) is not None and getattr(m, "ranges_ready", True) is False
                   for m in model.modules())
-    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=waiting, forward_sync_buffers=False)
+    device = model_device(model)
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=waiting,
+                                               forward_sync_buffers=False)

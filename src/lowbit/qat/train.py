@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.data import rank_and_world
+from lowbit.device import model_device
+from lowbit.progress import progress_steps
 from lowbit.qat.distill import distill_loss
 from lowbit.qat.schedule import ThreePhaseSchedule
 from lowbit.qat.sync import wrap_ddp
@@ -134,34 +136,41 @@ def _targets(teacher: nn.Module | None, inputs: torch.Tensor, labels: torch.Tens
     if teacher is None:
         raise ValueError(f"distill={config.distill!r} needs the FP32 teacher model")
     teacher.eval()
+    device = model_device(teacher)
     with torch.no_grad():
-        return torch.cat([teacher(chunk) for chunk in inputs.split(64)])
+        return torch.cat([teacher(chunk.to(device)) for chunk in inputs.split(64)])
 
 
-def _sum_across_ranks(values: list[float]) -> list[float]:
+def _sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Sum over the ranks, on ``device`` (NCCL reduces CUDA tensors only)."""
     if rank_and_world()[1] == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
 
 def _run_epoch(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state: TrainState,
                config: TrainConfig, epoch: int) -> float:
+    """One epoch; batches move to the model's device as they are drawn, the loss is summed there (one
+    device-to-host copy per epoch, not per step)."""
     rank, world = rank_and_world()
+    device = model_device(net)
     loss_fn = F.cross_entropy if config.distill is None else distill_loss(config.distill)
-    total = count = 0.0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     net.train()
-    for idx in epoch_batches(len(inputs), config.batch_size, config.seed, epoch, rank, world):
-        out = net(inputs[idx])
-        loss = loss_fn(out, targets[idx]) if config.distill is None else loss_fn(out, targets[idx], config.temperature)
+    batches = epoch_batches(len(inputs), config.batch_size, config.seed, epoch, rank, world)
+    for idx in progress_steps(batches, f"QAT epoch {epoch + 1}/{config.epochs}"):
+        x, y = inputs[idx].to(device, non_blocking=True), targets[idx].to(device, non_blocking=True)
+        out = net(x)
+        loss = loss_fn(out, y) if config.distill is None else loss_fn(out, y, config.temperature)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
         state.scheduler.step()
-        total += float(loss.detach()) * len(idx)
+        total += loss.detach().double() * len(idx)
         count += len(idx)
-    total, count = _sum_across_ranks([total, count])
+    total, count = _sum_across_ranks([float(total), float(count)], device)
     return total / max(count, 1.0)
 
 

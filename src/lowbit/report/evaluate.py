@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.device import model_device
 from lowbit.analysis import metrics
 from lowbit.export.runtime import batched_predict, latency_ms, make_session
 from lowbit.export.segment_parity import parity_with_segments
@@ -37,11 +38,13 @@ class EvalSet:
 
 
 def torch_predict(model: nn.Module, batch_size: int = 32) -> Predict:
-    """A ``predict(x)`` for a PyTorch module (no grad, batched)."""
+    """A ``predict(x)`` for a PyTorch module (no grad, batched): each chunk of ``x`` runs on the model's
+    device, the outputs come back on the CPU (where labels and ONNX Runtime outputs are)."""
 
     def predict(x: torch.Tensor) -> torch.Tensor:
+        device = model_device(model)
         with torch.no_grad():
-            return torch.cat([model(chunk) for chunk in torch.split(x, batch_size)])
+            return torch.cat([model(chunk.to(device)).cpu() for chunk in torch.split(x, batch_size)])
 
     return predict
 

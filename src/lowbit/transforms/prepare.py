@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lowbit.device import model_device, to_device
 from lowbit.core import PerChannel, QuantSpec
 from lowbit.nn import QUANT_MODULES, QuantLayerMixin, QuantState, TensorQuantizer, from_float
 from lowbit.transforms.capture import capture_model
@@ -147,11 +148,14 @@ def prepare_(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | Non
             ``swap`` (see ``transforms.capture.capture_model``).
 
     Returns:
-        the prepared model, with ``model.lowbit_info`` (:class:`PrepareInfo`).
+        the prepared model, with ``model.lowbit_info`` (:class:`PrepareInfo`), every parameter, buffer and
+        quantizer on the device of ``model`` (``example_input`` is moved there).
     """
     if model.training:
         raise ValueError("prepare_ needs an eval-mode model (BatchNorm folding uses running statistics): call model.eval()")
     recipe = recipe.for_machine()
+    device = model_device(model)
+    example_input = to_device(example_input, device)
     cap = capture_model(model, example_input, capture)
     log.info("%s", cap.describe())
     if cap.graph_module is None:
@@ -163,6 +167,7 @@ def prepare_(model: nn.Module, recipe: Recipe, example_input: torch.Tensor | Non
     info.capture = cap.describe()
     info.capture_path = cap.path
     prepared.lowbit_info = info
+    prepared.to(device)  # quantizers are created on the CPU; they live with the model
     prepared.eval()
     return prepared
 
