@@ -127,14 +127,14 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.budget_seconds < 0:
         raise ValueError(f"--budget-seconds {args.budget_seconds}: must be >= 0")
     src = load_model_source(args.model, args.input_shape)
-    calib, evalset = load_data_source(args.data, src, args.n_calib, args.n_eval)
+    calib, evalset = load_data_source(args.data, src, args.n_calib, args.n_eval, args.workers)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         result = analyze_to_dir(src.model, src.example_input, calib, evalset.inputs, recipe, args.out, args.force,
                                 labels={"model": src.name, "data": args.data, "recipe": args.recipe},
                                 title=f"lowbit analysis: {src.name} ({args.recipe})", budget_seconds=args.budget_seconds,
                                 batch_size=args.batch_size, engine=getattr(args, "engine", "simulation") == "onnxruntime",
-                                progress=_progress_callback(progress))
+                                progress=_progress_callback(progress), device=args.device)
     print_worst(result.analysis, result.out_dir)
     if result.engine is not None:
         print_worst_tensors(result.engine)

@@ -42,7 +42,7 @@ def run_mode_quantize(args: argparse.Namespace, model_spec: str, data_spec: str,
     mode = getattr(args, "mode", "static")
     recipe = _recipe(args, recipe_spec, mode)
     src = load_model_source(model_spec, getattr(args, "input_shape", None))
-    calib, ev = load_data_source(data_spec, src, args.n_calib, args.n_eval)
+    calib, ev = load_data_source(data_spec, src, args.n_calib, args.n_eval, getattr(args, "workers", 0))
     embedding = ev.metric_name == EMBEDDING_METRIC
     if embedding:
         from lowbit.zoo.sentences import length_batches
@@ -51,7 +51,7 @@ def run_mode_quantize(args: argparse.Namespace, model_spec: str, data_spec: str,
     labels = {"model": src.name, "data": data_spec, "recipe": recipe_spec}
     result = quantize_to_dir(src.model, src.example_input, calib if mode == "static" else None, recipe, args.out,
                              EvalSet(ev.inputs, note=ev.note), force=args.force, labels=labels, threads=args.threads,
-                             repeats=args.repeats, mode=mode, embedding=embedding)
+                             repeats=args.repeats, mode=mode, embedding=embedding, device=getattr(args, "device", None))
     table = Table(title=f"lowbit: {src.name} → {mode} INT8 ({recipe_spec})")
     for col in ("measure", "FP32", "quantized (ONNX Runtime)"):
         table.add_column(col)

@@ -3,8 +3,8 @@
 ``lowbit quantize ... --nproc N`` (or ``qat``) starts N copies of the same command with the environment
 torchrun would give them (``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``, ``WORLD_SIZE=N``,
 ``RANK`` = ``LOCAL_RANK`` = 0..N−1, ``LOCAL_WORLD_SIZE=N``) and waits for them. A process that finds
-``WORLD_SIZE`` already set (started by us, or by ``torchrun`` on one or several machines) joins the gloo
-process group instead, so the same command line scales out unchanged::
+``WORLD_SIZE`` already set (started by us, or by ``torchrun`` on one or several machines) joins the process
+group instead (gloo on CPU, NCCL with ``--device cuda``, each rank on ``cuda:LOCAL_RANK``), so the same command line scales out unchanged::
 
     torchrun --nnodes 2 --nproc-per-node 4 ... -m lowbit.cli.main qat --model ... --out DIR
 
@@ -124,9 +124,13 @@ def maybe_launch(args, argv: list[str]) -> int | None:
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[tuple[int, int]]:
-    """Join the environment's process group for the block (no-op in a single process); yields (rank, world)."""
-    joined = init_from_env()
+def process_group(backend: str = "gloo") -> Iterator[tuple[int, int]]:
+    """Join the environment's process group for the block (no-op in a single process); yields (rank, world).
+
+    Args:
+        backend: ``gloo`` (CPU) or ``nccl`` (CUDA; ``lowbit.device.process_group_backend`` picks it).
+    """
+    joined = init_from_env(backend)
     try:
         yield rank_and_world()
         if joined:  # leave together: a rank tearing gloo down while another still uses it can abort the process
@@ -134,6 +138,11 @@ def process_group() -> Iterator[tuple[int, int]]:
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+def is_writer_env() -> bool:
+    """True on the process that will write (``RANK`` 0 or unset); readable before the group is joined."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def is_writer() -> bool:
@@ -156,9 +165,9 @@ def shard_calibration(calib: Data, recipe=None, batch_size: int = 32) -> Data:
     return sharded_forward_loop(calib, batch_size)
 
 
-def follow_quantize(model: nn.Module, example_input, calib: Data, recipe) -> int:
-    """What a non-writing rank does for ``quantize``: take part in the sharded calibration, write nothing
-    (nothing at all when the calibration is not sharded)."""
+def follow_quantize(model: nn.Module, example_input, calib: Data, recipe, device=None) -> int:
+    """What a non-writing rank does for ``quantize``: take part in the sharded calibration on ``device``, write
+    nothing (nothing at all when the calibration is not sharded)."""
     if getattr(calib, "sharded", False):
-        quantize(model, calib, recipe, example_input, show_progress=False)
+        quantize(model, calib, recipe, example_input, show_progress=False, device=device)
     return 0

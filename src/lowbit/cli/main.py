@@ -1,13 +1,17 @@
 """``lowbit`` command line: thin wrappers that build a Recipe and call one public function.
 
     lowbit quantize --model M --data D --recipe R --calibrator C --out DIR [--mode static|dynamic] [--eval module:function] [--force]
+                    [--device cpu|cuda|auto] [--workers N]
     lowbit demo [--out DIR]
     lowbit analyze --model M --data D --recipe R --out DIR [--budget-seconds S] [--force]
     lowbit qat --model M --data D --recipe R --epochs E --out DIR [--distill] [--nproc N] [--force]
     lowbit serve DIR --port P [--shadow-rate 0.05] [--max-bad 5] [--threshold kl=0.2,sqnr_db=8]
     lowbit recalibrate DIR --data D
 
-``--nproc N`` (quantize, qat) runs the command in N local processes (see ``cli.launch``).
+``--nproc N`` (quantize, qat) runs the command in N local processes (see ``cli.launch``). ``--device`` (quantize,
+demo, analyze, qat; default cpu) is where they compute: ``cuda`` without CUDA is a one-line error; under several
+processes each takes ``cuda:LOCAL_RANK`` and the group uses NCCL. ``--workers N`` reads an image folder or a
+``.npy`` file in N DataLoader processes; long steps draw progress bars with the time left.
 
 Every failure the user can fix prints one line ``lowbit: error: ...`` naming the culprit and exits 2.
 SIGTERM (systemd, Docker, Kubernetes) is handled like Ctrl-C: staging folders are removed, the output lock is
@@ -28,11 +32,14 @@ from rich.table import Table
 
 from lowbit.cli.analyze import add_analyze_args, run_analyze
 from lowbit.cli.dynamic import run_mode_quantize, wants_mode_pipeline
-from lowbit.cli.launch import follow_quantize, is_writer, maybe_launch, process_group, shard_calibration
+from lowbit.cli.bars import progress_bars
+from lowbit.cli.launch import (follow_quantize, is_writer, is_writer_env, maybe_launch, process_group,
+                               shard_calibration)
 from lowbit.cli.qat import add_qat_args, run_qat
 from lowbit.cli.search_args import add_search_args, run_search
 from lowbit.cli.serve import add_recalibrate_args, add_serve_args, run_recalibrate, run_serve
-from lowbit.cli.sources import SourceError, load_data_source, load_eval_fn, load_model_source
+from lowbit.cli.sources import SourceError, add_device_args, load_data_source, load_eval_fn, load_model_source
+from lowbit.device import process_group_backend, rank_device, resolve_device
 from lowbit.export.litert import require_litert
 from lowbit.jobs import quantize_to_dir
 from lowbit.observers import OBSERVERS
@@ -69,6 +76,7 @@ def _add_quantize_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         add_search_args(p)
     else:
         p.add_argument("--out", type=Path, default=Path("lowbit-demo"), help="output folder (default lowbit-demo)")
+    add_device_args(p)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--n-calib", type=int, default=None, help="number of calibration samples")
     p.add_argument("--n-eval", type=int, default=None, help="number of evaluation samples")
@@ -125,7 +133,7 @@ def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, reci
     if calibrator:
         recipe = recipe.with_calibrator(calibrator)
     src = load_model_source(model_spec, getattr(args, "input_shape", None))
-    calib, ev = load_data_source(data_spec, src, args.n_calib, args.n_eval)
+    calib, ev = load_data_source(data_spec, src, args.n_calib, args.n_eval, args.workers)
     eval_fn = load_eval_fn(getattr(args, "eval", None))
     if eval_fn is not None:
         ev = EvalSet(ev.inputs, ev.labels, eval_fn, metric_name=getattr(args, "eval"), note=ev.note)
@@ -134,10 +142,11 @@ def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, reci
     recipe, on_report = run_search(args, src.model, src.example_input, calib, ev, recipe, f"lowbit search: {src.name}")
     calib = shard_calibration(calib, recipe)  # --nproc / torchrun: each rank calibrates its shard, observers merged
     if not is_writer():
-        return follow_quantize(src.model, src.example_input, calib, recipe)
+        return follow_quantize(src.model, src.example_input, calib, recipe, args.device)
     result = quantize_to_dir(src.model, src.example_input, calib, recipe, args.out, ev, force=args.force,
                              labels=labels, threads=args.threads, repeats=args.repeats, on_report=on_report,
-                             pass_batches=getattr(args, "pass_batches", None), io=getattr(args, "io", "float"))
+                             pass_batches=getattr(args, "pass_batches", None), io=getattr(args, "io", "float"),
+                             device=args.device)
     print_report(result.report, result.out_dir)
     return 0
 
@@ -178,16 +187,26 @@ def _setup_logging(debug: bool, plain: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], format=fmt)
 
 
+def _shows_bars(args: argparse.Namespace) -> bool:
+    """Progress bars for the batch commands, drawn by the writing rank only."""
+    return args.command in ("quantize", "demo", "analyze", "qat") and is_writer_env()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug, plain=args.command == "serve")
     _install_sigterm()
     try:
+        device = resolve_device(getattr(args, "device", None))  # before any worker starts: one line if unusable
         launched = maybe_launch(args, argv)  # --nproc N > 1: N worker processes run this same command
         if launched is not None:
             return launched
-        with process_group():  # a worker (ours or torchrun's) joins the group; no-op in one process
+        device = rank_device(device)  # cuda → cuda:LOCAL_RANK under torchrun / --nproc, made current
+        if hasattr(args, "device"):
+            args.device = device
+        # a worker (ours or torchrun's) joins the group (NCCL on CUDA, gloo on CPU); no-op in one process
+        with process_group(process_group_backend(device)), progress_bars(_shows_bars(args)):
             if args.command == "analyze":
                 return run_analyze(args)
             if args.command == "qat":

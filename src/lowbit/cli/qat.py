@@ -86,7 +86,7 @@ def run_qat(args: argparse.Namespace) -> int:
     if args.calibrator:
         recipe = recipe.with_calibrator(args.calibrator)
     src = load_model_source(args.model, args.input_shape)
-    calib, ev = load_data_source(args.data, src, args.n_calib, args.n_eval)
+    calib, ev = load_data_source(args.data, src, args.n_calib, args.n_eval, args.workers)
     train_x, train_y, train_note = training_data(args.data, calib, args.n_train)
     eval_fn = load_eval_fn(args.eval)
     if eval_fn is not None:
@@ -95,7 +95,7 @@ def run_qat(args: argparse.Namespace) -> int:
               "method": "qat"}
     result = run_qat_job(src.model, src.example_input, shard_calibration(calib, recipe), ev, recipe, args.out,
                          train_x, train_y, train_note, settings, force=args.force, labels=labels,
-                         threads=args.threads, repeats=args.repeats)
+                         threads=args.threads, repeats=args.repeats, device=args.device)
     if is_writer():
         print_training(result.report, Path(args.out))
     return 0

@@ -77,6 +77,7 @@ def run_search(args: argparse.Namespace, model: nn.Module, example_input: torch.
         return recipe, None
     with console.status("mixed precision search...") as status:
         outcome = run_search_job(request, model, example_input, calib, ev, recipe, title, args.out, args.force,
-                                 getattr(args, "threads", 2), progress=lambda line: status.update(f"fallback search: {line}"))
+                                 getattr(args, "threads", 2), progress=lambda line: status.update(f"fallback search: {line}"),
+                                 device=getattr(args, "device", None))
     console.print(outcome.message)
     return outcome.recipe, outcome.on_report

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit import zoo
+from lowbit.data import as_tensor
 from lowbit.cli.sources import load_data_source, load_model_source
 from lowbit.provenance import check_model_name
 from lowbit.serve.app import create_app
@@ -134,6 +135,7 @@ def run_recalibrate(args: argparse.Namespace) -> int:
     name, shape = read_model_name(model_dir), sample_shape_of(current / "model_fp32.onnx")
     src = load_model_source(name, None if name in zoo.MODEL_NAMES else ",".join(map(str, (1, *shape))))
     calib, _ = load_data_source(args.data, src, args.n_calib, None)
+    calib = as_tensor(calib)  # recalibration splits the samples into calibration and evaluation
     result = recalibrate(model_dir, calib, lambda _n, _s: (src.model.eval(), src.example_input),
                          data_label=args.data, threads=args.threads, eval_fraction=args.eval_fraction,
                          trusted=args.trusted_data, keep_versions=args.keep_versions)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.analysis import metrics
+from lowbit.device import place
 from lowbit.data import Data, rank_and_world
 from lowbit.jobs.outputs import export_models, float_layers, run_facts, write_report
 from lowbit.outdir import check_output_dir, staged_output
@@ -115,7 +116,7 @@ def _write(out_dir: Path, force: bool, qmodel, teacher, example: torch.Tensor, r
 def run_qat(model: nn.Module, example_input: torch.Tensor, calib: Data, ev: EvalSet, recipe: Recipe,
             out_dir: str | Path, train_x: torch.Tensor, train_y: torch.Tensor | None, train_note: str,
             settings: QATSettings = QATSettings(), force: bool = False, labels: dict | None = None,
-            threads: int = 2, repeats: int = 20) -> QATResult:
+            threads: int = 2, repeats: int = 20, device: str | torch.device | None = None) -> QATResult:
     """The QAT job on this rank (rank 0 writes ``out_dir``; other ranks train and return without a report).
 
     Args:
@@ -123,6 +124,8 @@ def run_qat(model: nn.Module, example_input: torch.Tensor, calib: Data, ev: Eval
         ev: what the simulated metric per epoch and the report are measured on.
         train_x, train_y: training inputs and labels (None: distilled from the FP32 model).
         train_note: how the training data is described in the report.
+        device: where calibration, training and the simulated metric run (``cpu``, ``cuda``, ``auto``; None:
+            ``model``'s device). Training batches move there as they are drawn; export runs on a CPU copy.
     """
     settings.check()
     recipe = recipe.for_machine()  # this machine's weight bits, written into recipe.yaml
@@ -131,6 +134,7 @@ def run_qat(model: nn.Module, example_input: torch.Tensor, calib: Data, ev: Eval
     distill = settings.distill or (None if train_y is not None else "kl")
     if writer:
         check_output_dir(out_dir, force)
+    model = place(model, device)
     teacher = copy.deepcopy(model).eval()
     reference = torch_predict(teacher)(ev.inputs)
     evaluate = _evaluator(ev, reference)

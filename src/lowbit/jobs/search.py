@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.device import place
 from lowbit.analysis.metrics import accuracy
 from lowbit.data import Data, rank_and_world
 from lowbit.outdir import check_output_dir
@@ -86,12 +87,15 @@ def _metric(ev: EvalSet) -> dict:
 
 def run_search(request: SearchRequest, model: nn.Module, example_input: torch.Tensor, calib: Data, ev: EvalSet,
                recipe: Recipe, title: str, out_dir: str | Path, force: bool = False, threads: int = 2,
-               progress: Callable[[str], None] | None = None) -> SearchOutcome:
+               progress: Callable[[str], None] | None = None,
+               device: str | torch.device | None = None) -> SearchOutcome:
     """Run the requested search (``request.requested`` must be true) before quantizing into ``out_dir``.
 
     Args:
         title: the title of ``search.html``.
         progress: ``progress(line)`` for the fallback's steps.
+        device: where candidates are calibrated and simulated (``cpu``, ``cuda``, ``auto``; None: ``model``'s
+            device); they are exported and measured on ONNX Runtime from CPU copies.
     """
     request.check()
     recipe = recipe.for_machine()
@@ -99,6 +103,7 @@ def run_search(request: SearchRequest, model: nn.Module, example_input: torch.Te
         raise ValueError("the mixed precision search runs in one process; drop --nproc (each process would search "
                          "on its own, and time budgets could make them pick different recipes)")
     check_output_dir(Path(out_dir), force)  # fail before a long search, not after it
+    model = place(model, device)
     runner = onnxruntime_runner(example_input, recipe.target, threads)
     common = dict(example_input=example_input, runner=runner, budget_seconds=request.budget_seconds, **_metric(ev))
     if request.is_fallback:

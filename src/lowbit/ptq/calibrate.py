@@ -12,20 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.data import Data, iter_batches, run_batch  # noqa: F401 (Data re-exported)
+from lowbit.data import Data, iter_batches, num_batches, run_batch  # noqa: F401 (Data re-exported)
 from lowbit.progress import progress_steps
 from lowbit.transforms.prepare import start_calibration_
 
 log = logging.getLogger(__name__)
-
-
-def _total(data: Any, batch_size: int) -> int | None:
-    if isinstance(data, torch.Tensor):
-        return -(-data.shape[0] // batch_size)
-    try:
-        return len(data)
-    except TypeError:
-        return None
 
 
 def calibrate(model: nn.Module, data: Data, batch_size: int = 32, show_progress: bool = True) -> nn.Module:
@@ -48,7 +39,7 @@ def calibrate(model: nn.Module, data: Data, batch_size: int = 32, show_progress:
             return model
         n = 0
         batches = iter_batches(data, batch_size)
-        for batch in progress_steps(batches, "calibrating", _total(data, batch_size), enabled=show_progress):
+        for batch in progress_steps(batches, "calibrating", num_batches(data, batch_size), enabled=show_progress):
             run_batch(model, batch)
             n += 1
     if n == 0:

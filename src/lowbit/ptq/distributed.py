@@ -24,6 +24,7 @@ The process group comes from the torchrun environment (``MASTER_ADDR``, ``MASTER
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.nn import QuantState, TensorQuantizer
-from lowbit.data import Data, iter_batches, rank_and_world, run_batch
+from lowbit.data import Data, StreamedInputs, iter_batches, rank_and_world, run_batch
 from lowbit.ptq.calibrate import calibrate
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,13 @@ def merge_observers_(model: nn.Module) -> int:
     return len(local)
 
 
+def _batch_list(data: Data, batch_size: int) -> list[Any]:
+    """The batches to shard; streamed inputs give one loader per batch, read only by the rank that runs it."""
+    if isinstance(data, StreamedInputs):
+        return [functools.partial(data.rows, start, start + batch_size) for start in range(0, len(data), batch_size)]
+    return list(iter_batches(data, batch_size))
+
+
 def sharded_forward_loop(data: Data, batch_size: int = 32) -> Callable[[nn.Module], None]:
     """A ``forward_loop(model)`` for :func:`lowbit.calibrate` that runs this rank's shard, then merges.
 
@@ -111,7 +119,7 @@ def sharded_forward_loop(data: Data, batch_size: int = 32) -> Callable[[nn.Modul
     """
     if callable(data) and not isinstance(data, (torch.Tensor, nn.Module)) and not hasattr(data, "__iter__"):
         raise TypeError("sharded calibration needs batches (a Tensor or an iterable), not a forward_loop callable")
-    batches = list(iter_batches(data, batch_size))
+    batches = _batch_list(data, batch_size)
     if not batches:
         raise ValueError("calibration data is empty: no batch was seen")
 
@@ -122,7 +130,7 @@ def sharded_forward_loop(data: Data, batch_size: int = 32) -> Callable[[nn.Modul
             for _, q in _calibrating(model):
                 q.observer.reset()  # the single process observed each weight once before the batches, not W times
         for batch in mine:
-            run_batch(model, batch)
+            run_batch(model, batch() if callable(batch) else batch)
         merged = merge_observers_(model)
         log.info("rank %d calibrated on %d of %d batches; merged %d observers", rank, len(mine), len(batches), merged)
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.data import rank_and_world
+from lowbit.data import iter_batches, rank_and_world
 from lowbit.device import model_device
 from lowbit.progress import progress_steps
 from lowbit.qat.distill import distill_loss
@@ -138,7 +138,7 @@ def _targets(teacher: nn.Module | None, inputs: torch.Tensor, labels: torch.Tens
     teacher.eval()
     device = model_device(teacher)
     with torch.no_grad():
-        return torch.cat([teacher(chunk.to(device)) for chunk in inputs.split(64)])
+        return torch.cat([teacher(chunk.to(device)) for chunk in iter_batches(inputs, 64)])
 
 
 def _sum_across_ranks(values: list[float], device: torch.device) -> list[float]:

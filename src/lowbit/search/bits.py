@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from lowbit.device import model_device
 from lowbit.core import QuantSpec
 from lowbit.nn import QuantLayerMixin
 from lowbit.data import Data, iter_batches
@@ -141,7 +142,7 @@ def measure_layers(qmodel: nn.Module, example_input: torch.Tensor) -> list[Layer
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     try:
         with torch.no_grad():
-            qmodel(example_input[:1])
+            qmodel(example_input[:1].to(model_device(qmodel)))
     finally:
         for h in handles:
             h.remove()

@@ -58,7 +58,7 @@ def torch_runner(batch_size: int = 64) -> Runner:
     def run(model: nn.Module, float_model: bool = False) -> Predict:
         net = float_copy(model) if float_model else model
         net.eval()
-        return lambda x: model_outputs(net, x, batch_size)
+        return lambda x: model_outputs(net, x, batch_size).cpu()  # beside labels and engine outputs
 
     run.engine = "simulation"
     return run
