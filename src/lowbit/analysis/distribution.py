@@ -68,10 +68,13 @@ class QuantizerStats:
         self.err_edges = torch.linspace(-4 * smax, 4 * smax, BINS + 1, dtype=torch.float64)
 
     def update(self, x: torch.Tensor, xq: torch.Tensor) -> None:
-        """Add one tensor ``x`` (FP32) and its fake-quantized ``xq``."""
+        """Add one tensor ``x`` (FP32) and its fake-quantized ``xq`` (the histograms live on their device)."""
         if self.edges is None:
             self._init_edges()
         x, xq = x.detach(), xq.detach()
+        if self.h_fp32.device != x.device:
+            for key in ("h_fp32", "h_quant", "h_err", "h_fine"):
+                setattr(self, key, getattr(self, key).to(x.device))
         finite = torch.isfinite(x) & torch.isfinite(xq)
         self.nonfinite += int((~finite).sum())
         lo, hi = self._ranges(x.shape)
@@ -113,7 +116,7 @@ class QuantizerStats:
         mu = self.s1 / self.n
         sigma = math.sqrt(max(self.s2 / self.n - mu * mu, 0.0))
         centers = (self.fine_edges[1:] + self.fine_edges[:-1]) / 2
-        beyond = (centers - mu).abs() > 4 * sigma
+        beyond = ((centers - mu).abs() > 4 * sigma).to(self.h_fine.device)
         return float(self.h_fine[beyond].sum() / self.n)
 
     def histograms(self) -> dict:

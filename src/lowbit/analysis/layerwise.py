@@ -42,20 +42,37 @@ MAX_WALK = 8  # pass-through ops crossed when looking for the quantizer of a sit
 class ErrorStats:
     """Running sums for SQNR / cosine / MSE of ``out`` against ``ref`` (float64)."""
 
-    ref2: float = 0.0
-    err2: float = 0.0
-    dot: float = 0.0
-    out2: float = 0.0
     n: int = 0
+    _sums: torch.Tensor | None = None  # [Σref², Σ(ref−out)², Σref·out, Σout²] on the tensors' device
 
     def update(self, ref: torch.Tensor, out: torch.Tensor) -> None:
-        """Add one batch: ``Σref²``, ``Σ(ref−out)²``, ``Σref·out``, ``Σout²`` and the element count."""
+        """Add one batch: ``Σref²``, ``Σ(ref−out)²``, ``Σref·out``, ``Σout²`` and the element count.
+
+        The sums stay on the tensors' device (no wait for a GPU per batch); reading a figure copies them once.
+        """
         r, o = ref.detach().double(), out.detach().double()
-        self.ref2 += float(r.pow(2).sum())
-        self.err2 += float((r - o).pow(2).sum())
-        self.dot += float((r * o).sum())
-        self.out2 += float(o.pow(2).sum())
+        sums = torch.stack([r.pow(2).sum(), (r - o).pow(2).sum(), (r * o).sum(), o.pow(2).sum()])
+        self._sums = sums if self._sums is None else self._sums + sums.to(self._sums.device)
         self.n += r.numel()
+
+    def _sum(self, i: int) -> float:
+        return 0.0 if self._sums is None else float(self._sums[i])
+
+    @property
+    def ref2(self) -> float:
+        return self._sum(0)
+
+    @property
+    def err2(self) -> float:
+        return self._sum(1)
+
+    @property
+    def dot(self) -> float:
+        return self._sum(2)
+
+    @property
+    def out2(self) -> float:
+        return self._sum(3)
 
     def sqnr_db(self) -> float | None:
         """``10 · log10(Σ ref² / Σ (ref − out)²)``; ``inf`` when identical, None when nothing was seen."""

@@ -118,9 +118,10 @@ def gradient_scores(model: nn.Module, sites: list[Site], data, batch_size: int =
         return {}
     switch = QuantizerSwitch(model)
     switch.all(False)
-    grads = {s.name: torch.zeros((), dtype=torch.float64) for s in weighted}
-    sal = {s.name: torch.zeros((), dtype=torch.float64) for s in weighted}
     params = [s.module.weight for s in weighted]
+    device = params[0].device  # the sums stay on the model's device: one copy each at the end
+    grads = {s.name: torch.zeros((), dtype=torch.float64, device=device) for s in weighted}
+    sal = {s.name: torch.zeros((), dtype=torch.float64, device=device) for s in weighted}
     flags = [p.requires_grad for p in params]
     try:
         for p in params:

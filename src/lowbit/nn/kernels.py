@@ -61,7 +61,7 @@ def qlinear_add(q_a: torch.Tensor, s_a, z_a: int, q_b: torch.Tensor, s_b, z_b: i
     f32 = torch.float32
     s_a, s_b, s_c = (torch.as_tensor(v, dtype=f32).reshape(()) for v in (s_a, s_b, s_c))
     r_a, r_b = s_a / s_c, s_b / s_c
-    fixed = torch.tensor(float(z_c), dtype=f32) - (r_a * float(z_a) + r_b * float(z_b))
+    fixed = torch.tensor(float(z_c), dtype=f32, device=s_c.device) - (r_a * float(z_a) + r_b * float(z_b))
     c = (q_b.double() * r_b.double() + fixed.double()).float()
     c = (q_a.double() * r_a.double() + c.double()).float()
     return torch.clamp(torch.round(c), qmin, qmax)

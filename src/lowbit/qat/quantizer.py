@@ -82,7 +82,7 @@ class LearnableQuantizer(TensorQuantizer):
         q.observer_steps = config.observer_steps
         q.ranges_ready = False
         q.register_buffer("qat_steps", torch.zeros((), dtype=torch.int64, device=q.scale.device))
-        q._steps_cache = None
+        q._steps_cache = 0  # host copy of qat_steps (see steps_done)
         q.register_parameter("learn_scale", None)
         q.register_parameter("learn_offset", None)
         return q
