@@ -181,7 +181,7 @@ class NpyInputs(StreamedInputs):
             return torch.empty(0, *self.sample_shape)
         lo, hi = min(indices), max(indices) + 1
         block = self.array[lo:hi] if hi - lo == len(indices) and indices == list(range(lo, hi)) else self.array[indices]
-        return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+        return torch.from_numpy(np.array(block, dtype=np.float32, copy=True))  # a copy, never a view of the map
 
     def __getstate__(self) -> dict:  # DataLoader workers re-open the file instead of pickling the map
         state = dict(self.__dict__)
