@@ -44,19 +44,20 @@ def resolve_device(spec: str | torch.device | None, flag: str = "--device") -> t
     """
     if spec is None:
         return torch.device("cpu")
+    label = f"{flag} {spec}" if flag.startswith("--") else f"{flag}{str(spec)!r}"  # --device cuda / device='cuda'
     if isinstance(spec, str) and spec.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = spec if isinstance(spec, torch.device) else torch.device(str(spec).strip().lower())
     except (RuntimeError, ValueError):
-        raise DeviceError(f"{flag} {spec!r}: expected one of {', '.join(DEVICE_CHOICES)} (or cuda:N)") from None
+        raise DeviceError(f"{label}: expected one of {', '.join(DEVICE_CHOICES)} (or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            hint = f"{flag} cpu or {flag} auto" if flag.startswith("--") else f'{flag}"cpu" or {flag}"auto"'
-            raise DeviceError(f"{flag} {spec}: CUDA is not available on this machine (torch.cuda.is_available() is "
+            hint = f"{flag} cpu or {flag} auto" if flag.startswith("--") else f"{flag}'cpu' or {flag}'auto'"
+            raise DeviceError(f"{label}: CUDA is not available on this machine (torch.cuda.is_available() is "
                               f"False); use {hint}")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise DeviceError(f"{label}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -48,7 +48,7 @@ def test_cuda_without_cuda_is_one_line_naming_the_flag(capsys, tmp_path, no_cuda
 def test_unknown_device_is_one_line(capsys, tmp_path):
     rc = main(["quantize", *COMMON, "--data", str(_npy(tmp_path)), "--out", str(tmp_path / "o"), "--device", "gpu0"])
     err = capsys.readouterr().err.splitlines()
-    assert rc == 2 and len(err) == 1 and "--device 'gpu0'" in err[0] and "cpu, cuda, auto" in err[0]
+    assert rc == 2 and len(err) == 1 and "--device gpu0:" in err[0] and "cpu, cuda, auto" in err[0]
 
 
 def test_device_is_parsed_not_resolved(no_cuda):
