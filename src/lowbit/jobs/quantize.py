@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.device import place
+from lowbit.device import on_cpu, place
 from lowbit.data import Data
 from lowbit.jobs.outputs import export_models, float_layers, run_facts, write_report
 from lowbit.outdir import staged_output
@@ -133,17 +133,19 @@ def quantize_to_dir(
 def _outputs_and_figures(staging: Path, qmodel: nn.Module, example: torch.Tensor, recipe: Recipe,
                          eval_set: EvalSet, threads: int, repeats: int, io: str) -> dict:
     """Write the two models (ONNX, or ``.tflite`` for target litert) and ``recipe.yaml``; return their measured
-    figures with ``float_layers``."""
+    figures with ``float_layers``. The files are written from one CPU copy of a model on another device; the
+    simulated metric runs where the model is."""
+    cpu_model = on_cpu(qmodel)
     if recipe.target == "litert":
         from lowbit.jobs.litert import litert_outputs_and_figures  # the LiteRT packages load only here
 
-        figures = litert_outputs_and_figures(staging, qmodel, example, eval_set, threads, repeats, io)
+        figures = litert_outputs_and_figures(staging, cpu_model, example, eval_set, threads, repeats, io)
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
         # the flatbuffer says what runs in float (the converter quantizes e.g. a sigmoid between two quantizers
         # itself); lowbit's own list adds the layers a recipe rule keeps float
         ruled = [f for f in float_layers(qmodel) if "recipe rule" in f["reason"]]
         return {**figures, "float_layers": ruled + figures.pop("float_compute")}
-    fp32_path, int8_path = export_models(staging, qmodel, qmodel, example, recipe)
+    fp32_path, int8_path = export_models(staging, cpu_model, cpu_model, example, recipe)
     figures = evaluate_pair(fp32_path, int8_path, qmodel, eval_set, threads, repeats)
     return {**figures, "float_layers": merge_float_layers(float_layers(qmodel), figures["float_heavy_ops"])}
 
