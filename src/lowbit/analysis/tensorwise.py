@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.device import model_device
 from lowbit.analysis.layerwise import ErrorStats, QuantizerSwitch, first_output
 from lowbit.nn import QuantLayerMixin, TensorQuantizer
 
@@ -85,8 +86,9 @@ def quantized_activation_errors(model: nn.Module, inputs: torch.Tensor,
     errors: list[TensorError] | None = None
     output = ErrorStats()
     model.eval()
+    device = model_device(model)
     for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start:start + batch_size]
+        x = inputs[start:start + batch_size].to(device)
         switch.all(False)
         try:
             ref_calls, ref_out = _calls(model, quantizers, x)
@@ -98,8 +100,8 @@ def quantized_activation_errors(model: nn.Module, inputs: torch.Tensor,
         if [q for q, _ in ref_calls] != order or (errors is not None and [e.quantizer for e in errors] != names):
             raise RuntimeError("the activation quantizers ran in a different order in two forward passes")
         if errors is None:
-            errors = [TensorError(q.qname, q.scale.detach().numpy().astype(np.float32).ravel(),
-                                  q.zero_point.detach().numpy().astype(np.int64).ravel()) for q in order]
+            errors = [TensorError(q.qname, q.scale.detach().cpu().numpy().astype(np.float32).ravel(),
+                                  q.zero_point.detach().cpu().numpy().astype(np.int64).ravel()) for q in order]
         for err, (_, ref), (_, val) in zip(errors, ref_calls, calls):
             err.stats.update(ref, val)
         output.update(ref_out, out)

@@ -48,7 +48,7 @@ NUMPY_OF_ONNX = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor
 def input_feed(session: ort.InferenceSession, x: torch.Tensor) -> dict:
     """``{input name: x}`` in the dtype the session declares (float32 images, int64 token ids)."""
     meta = session.get_inputs()[0]
-    return {meta.name: x.detach().numpy().astype(NUMPY_OF_ONNX.get(meta.type, np.float32))}
+    return {meta.name: x.detach().cpu().numpy().astype(NUMPY_OF_ONNX.get(meta.type, np.float32))}
 
 
 def run_session(session: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
