@@ -29,9 +29,11 @@ from lowbit.transforms.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-def run_passes(model: nn.Module, names: list[str], loop: ForwardLoop, timings: dict[str, float]) -> None:
-    """Run ``names`` (already ordered) on ``model``, recording seconds per pass into ``timings``."""
-    for name in progress_steps(names, "post-training passes") if names else ():
+def run_passes(model: nn.Module, names: list[str], loop: ForwardLoop, timings: dict[str, float],
+               show_progress: bool = True) -> None:
+    """Run ``names`` (already ordered) on ``model``, recording seconds per pass into ``timings`` (and reporting
+    one step per pass to ``lowbit.progress`` when ``show_progress``)."""
+    for name in progress_steps(names, "post-training passes", enabled=show_progress) if names else ():
         t0 = time.perf_counter()
         PASS_REGISTRY[name].load()(model, loop)
         timings[name] = time.perf_counter() - t0
@@ -66,14 +68,14 @@ def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: 
     if info is not None:
         info.float_layers.extend(k for k in kept_recurrent if k[0] not in {n for n, _ in info.float_layers})
     loop = ForwardLoop(calib_data, max_batches=pass_batches)
-    run_passes(prepared, [n for n in names if PASS_REGISTRY[n].stage == PRE_CALIBRATION], loop, timings)
+    run_passes(prepared, [n for n in names if PASS_REGISTRY[n].stage == PRE_CALIBRATION], loop, timings, show_progress)
     t0 = time.perf_counter()
     calibrate(prepared, calib_data, show_progress=show_progress)
     convert_(prepared)
     timings["calibrate"] = time.perf_counter() - t0
     post = [n for n in names if PASS_REGISTRY[n].stage == POST_CALIBRATION]
     with engine_emulation(prepared, False):
-        run_passes(prepared, post, loop, timings)
+        run_passes(prepared, post, loop, timings, show_progress)
     if post:
         for name, layer in quant_layers(prepared):
             raised = layer.fit_bias_range_()
