@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.device import on_cpu
 from lowbit.core import PerGroup
 from lowbit.export.onnx_dynamic import trace_to_onnx
 from lowbit.export.onnx_static import DEFAULT_OPSET, atomic_write_bytes
@@ -118,6 +119,7 @@ def export_nbits_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
     """
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level!r}")
+    model, example = on_cpu(model), example.cpu()  # traced on the CPU; the caller's model stays put
     packed_model, names = to_nbits_model(model, accuracy_level)
     if not names:
         raise ValueError("export_nbits_onnx: no Linear has a frozen 4-bit signed symmetric per-group weight "
