@@ -84,3 +84,14 @@ def progress_steps(items: Iterable[T], description: str, total: int | None = Non
         if sink is not None:
             sink(ProgressEvent(key, description, done, total, finished=True))
         log.info("%s: %d step(s) in %.1f s", description, done, time.perf_counter() - t0)
+
+
+def progress_callback(description: str) -> Callable[[int, int, str], None]:
+    """A ``progress(done, total, label)`` callback (the form the analysis sweeps call) reporting to the sink
+    installed now, as one step whose description follows ``label``; it finishes when ``done`` reaches ``total``."""
+    sink, key = _SINK.get(), next(_NEXT_KEY)
+
+    def update(done: int, total: int, label: str) -> None:
+        if sink is not None:
+            sink(ProgressEvent(key, f"{description}: {label}", done, total, finished=done >= total))
+    return update

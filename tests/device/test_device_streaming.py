@@ -160,3 +160,15 @@ def test_to_device_keeps_the_batch_conventions():
     assert type(moved["b"]).__name__ == "Pair" and moved["b"].y.device == meta and moved["n"] == 3
     same = torch.ones(2)
     assert to_device(same, cpu) is same
+
+
+def test_sweep_callback_reports_through_the_sink():
+    from lowbit.progress import progress_callback
+
+    events = []
+    with progress_sink(events.append):
+        update = progress_callback("sensitivity")
+    update(1, 2, "isolated conv1")  # the sink is the one installed when the callback was made
+    update(2, 2, "isolated fc")
+    assert [(e.description, e.done, e.total, e.finished) for e in events] == [
+        ("sensitivity: isolated conv1", 1, 2, False), ("sensitivity: isolated fc", 2, 2, True)]

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit.progress import progress_steps
 from lowbit.analysis.distribution import QuantizerStats, asymmetry, weight_error_split
 from lowbit.analysis.layerwise import (ErrorStats, QuantizerSwitch, Site, call_site, find_sites, first_output,
                                        unlink_engine)
 from lowbit.analysis.metrics import top1_agreement
 from lowbit.analysis.sensitivity import gradient_scores, sweep_sensitivity
 from lowbit.analysis.verdict import flags_of, median_isolated, verdict
-from lowbit.data import iter_batches, run_batch
+from lowbit.data import iter_batches, num_batches, run_batch
 from lowbit.ptq.passes import quantize
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,8 @@ def _stream(model: nn.Module, sites: list[Site], data, batch_size: int) -> tuple
     refs, outs = [], []
     try:
         with torch.no_grad():
-            for batch in iter_batches(data, batch_size):
+            batches = iter_batches(data, batch_size)
+            for batch in progress_steps(batches, "analysing (FP32 and INT8 per layer)", num_batches(data, batch_size)):
                 ref, out = st.run_batch(batch)
                 refs.append(ref)
                 outs.append(out)

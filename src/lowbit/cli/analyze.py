@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lowbit.progress import progress_callback
 from lowbit.analysis.onnx_tensors import worst_tensors
 from lowbit.cli.sources import add_source_args, load_data_source, load_model_source
 from lowbit.jobs.analyze import analyze_to_dir
@@ -92,15 +91,6 @@ def print_worst(analysis: dict, out_dir: Path) -> None:
     console.print(f"wrote {escape(str(out_dir))}/ (analysis.json, analysis.html)", highlight=False)
 
 
-def _progress_callback(progress: Progress) -> Callable[[int, int, str], None]:
-    """``progress(done, total, label)`` for :func:`lowbit.analysis.analyze`, driving one rich task."""
-    task = progress.add_task("sensitivity sweep", total=None)
-
-    def update(done: int, total: int, label: str) -> None:
-        progress.update(task, completed=done, total=total, description=f"sensitivity: {label}")
-    return update
-
-
 def print_worst_tensors(engine: dict) -> None:
     """The terminal table of ``--engine onnxruntime``: five worst quantized tensors by SQNR."""
     table = Table(title=f"ONNX Runtime: {N_WORST} worst tensors by SQNR vs FP32 ONNX (dB)")
@@ -128,13 +118,12 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget-seconds {args.budget_seconds}: must be >= 0")
     src = load_model_source(args.model, args.input_shape)
     calib, evalset = load_data_source(args.data, src, args.n_calib, args.n_eval, args.workers)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        result = analyze_to_dir(src.model, src.example_input, calib, evalset.inputs, recipe, args.out, args.force,
-                                labels={"model": src.name, "data": args.data, "recipe": args.recipe},
-                                title=f"lowbit analysis: {src.name} ({args.recipe})", budget_seconds=args.budget_seconds,
-                                batch_size=args.batch_size, engine=getattr(args, "engine", "simulation") == "onnxruntime",
-                                progress=_progress_callback(progress), device=args.device)
+    # the sweeps report through lowbit.progress: the command's bars (cli.bars) draw them with the other steps
+    result = analyze_to_dir(src.model, src.example_input, calib, evalset.inputs, recipe, args.out, args.force,
+                            labels={"model": src.name, "data": args.data, "recipe": args.recipe},
+                            title=f"lowbit analysis: {src.name} ({args.recipe})", budget_seconds=args.budget_seconds,
+                            batch_size=args.batch_size, engine=getattr(args, "engine", "simulation") == "onnxruntime",
+                            progress=progress_callback("sensitivity"), device=args.device)
     print_worst(result.analysis, result.out_dir)
     if result.engine is not None:
         print_worst_tensors(result.engine)

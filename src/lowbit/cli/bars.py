@@ -36,7 +36,7 @@ class RichBars:
         task = self.tasks.get(event.key)
         if task is None:
             task = self.tasks[event.key] = self.progress.add_task(event.description, total=event.total)
-        self.progress.update(task, completed=event.done)
+        self.progress.update(task, completed=event.done, total=event.total, description=event.description)
 
     def _finish(self, key: int) -> None:
         task = self.tasks.pop(key, None)
