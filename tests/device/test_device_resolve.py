@@ -73,3 +73,41 @@ def test_quantize_device_argument(monkeypatch):
     with pytest.raises(ValueError, match="^device='cuda': CUDA is not available"):
         lowbit.quantize(model, x, RECIPE, device="cuda")
     assert lowbit.quantize(model, x, RECIPE, show_progress=False, device="auto") is not model
+
+
+def test_rank_device_takes_the_local_rank(monkeypatch):
+    from lowbit import device as device_mod
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert device_mod.rank_device(torch.device("cuda")) == torch.device("cuda", 1) == current[-1]
+    assert device_mod.rank_device(torch.device("cuda", 0)) == torch.device("cuda", 0) == current[-1]
+    assert device_mod.rank_device(torch.device("cpu")) == torch.device("cpu") and len(current) == 2
+
+
+def test_cli_joins_the_group_with_the_devices_backend(monkeypatch, tmp_path):
+    import contextlib
+
+    from lowbit.cli import main as cli_main
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_group(backend="gloo"):
+        seen.append(backend)
+        yield 0, 1
+
+    monkeypatch.setattr(cli_main, "process_group", fake_group)
+    monkeypatch.setattr(cli_main, "run_quantize", lambda args, *a: seen.append(args.device) or 0)
+    assert cli_main.main(["quantize", "--model", "m:f", "--data", "d", "--out", str(tmp_path / "o"),
+                          "--device", "cpu"]) == 0
+    assert seen == ["gloo", torch.device("cpu")]
+    monkeypatch.setattr(cli_main, "resolve_device", lambda spec: torch.device("cuda", 0))
+    monkeypatch.setattr(cli_main, "rank_device", lambda d: d)
+    monkeypatch.setattr(cli_main, "process_group_backend", lambda d: "nccl" if d.type == "cuda" else "gloo")
+    seen.clear()
+    assert cli_main.main(["quantize", "--model", "m:f", "--data", "d", "--out", str(tmp_path / "o"),
+                          "--device", "cuda"]) == 0
+    assert seen == ["nccl", torch.device("cuda", 0)]
