@@ -111,7 +111,7 @@ class Bench:
 
         result = analyze(self.model, self.calib, self.recipe, self.example, budget_seconds=ANALYZE_BUDGET_S,
                          batch_size=8, device=device)
-        return result.metric
+        return result.metric_fp32_vs_quant
 
     def qat_epoch(self, device: torch.device) -> tuple[float, float]:
         """(seconds of the epoch alone, metric after it)."""
