@@ -19,6 +19,7 @@ CUDA.
 from __future__ import annotations
 
 import copy
+import numbers
 
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -112,8 +113,8 @@ class StreamedInputs:
             view = copy.copy(self)
             view.indices = self.indices[key]
             return view
-        if isinstance(key, int):
-            return self.load([self.indices[key]])[0]
+        if isinstance(key, numbers.Integral):
+            return self.load([self.indices[int(key)]])[0]
         keys = key.tolist() if isinstance(key, torch.Tensor) else list(key)
         return self.load([self.indices[int(k)] for k in keys])
 
