@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -98,8 +97,11 @@ def states_off_device(model: nn.Module, device: torch.device | None = None) -> l
     for name, mod in model.named_modules():
         obs = getattr(mod, "observer", None)
         for key, value in (vars(obs).items() if obs is not None else ()):
-            if isinstance(value, torch.Tensor) and value.device != device:
-                off.append(f"{name}.observer.{key} ({value.device})")
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub_key, t in items:
+                if isinstance(t, torch.Tensor) and t.device != device:
+                    where = key if sub_key is None else f"{key}[{sub_key!r}]"
+                    off.append(f"{name}.observer.{where} ({t.device})")
     return off
 
 
@@ -116,12 +118,6 @@ def move_model(model: nn.Module, device: torch.device) -> nn.Module:
             elif isinstance(value, dict):
                 setattr(obs, key, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()})
     return model
-
-
-def device_batches(batches: Iterator[Any], device: torch.device) -> Iterator[Any]:
-    """Each batch of ``batches`` moved to ``device`` as it is drawn (lazily)."""
-    for batch in batches:
-        yield to_device(batch, device)
 
 
 def describe(device: torch.device) -> str:
