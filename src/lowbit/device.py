@@ -177,17 +177,33 @@ def process_group_backend(device: torch.device) -> str:
     return "gloo"
 
 
+def check_local_processes(device: torch.device, processes: int) -> None:
+    """Refuse, in one line, more processes on this machine than GPUs for ``--device cuda`` (NCCL needs one each).
+
+    Raises:
+        DeviceError: ``processes`` exceeds the visible GPUs.
+    """
+    count = torch.cuda.device_count() if device.type == "cuda" and device.index is None else processes
+    if processes > count:
+        raise DeviceError(f"--device cuda: {processes} processes on this machine need {processes} GPUs, "
+                          f"{count} visible; use fewer processes (--nproc) or --device cpu")
+
+
 def rank_device(device: torch.device) -> torch.device:
-    """The device of this process in a group: ``cuda`` becomes ``cuda:LOCAL_RANK`` (modulo the visible GPUs) and
-    is made current, as ``torchrun`` users expect; other devices are returned unchanged."""
+    """The device of this process in a group: ``cuda`` becomes ``cuda:LOCAL_RANK`` and is made current, as
+    ``torchrun`` users expect; other devices are returned unchanged.
+
+    Raises:
+        DeviceError: more local processes (``LOCAL_WORLD_SIZE``) than visible GPUs (NCCL needs one GPU each).
+    """
     import os
 
     if device.type != "cuda" or device.index is not None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    check_local_processes(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     return device
 

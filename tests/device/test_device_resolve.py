@@ -81,10 +81,14 @@ def test_rank_device_takes_the_local_rank(monkeypatch):
     current = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert device_mod.rank_device(torch.device("cuda")) == torch.device("cuda", 1) == current[-1]
     assert device_mod.rank_device(torch.device("cuda", 0)) == torch.device("cuda", 0) == current[-1]
     assert device_mod.rank_device(torch.device("cpu")) == torch.device("cpu") and len(current) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(DeviceError, match="4 processes on this machine need 4 GPUs, 2 visible"):
+        device_mod.rank_device(torch.device("cuda"))
 
 
 def test_cli_joins_the_group_with_the_devices_backend(monkeypatch, tmp_path):

@@ -39,7 +39,7 @@ from lowbit.cli.qat import add_qat_args, run_qat
 from lowbit.cli.search_args import add_search_args, run_search
 from lowbit.cli.serve import add_recalibrate_args, add_serve_args, run_recalibrate, run_serve
 from lowbit.cli.sources import SourceError, add_device_args, load_data_source, load_eval_fn, load_model_source
-from lowbit.device import process_group_backend, rank_device, resolve_device
+from lowbit.device import check_local_processes, process_group_backend, rank_device, resolve_device
 from lowbit.export.litert import require_litert
 from lowbit.jobs import quantize_to_dir
 from lowbit.observers import OBSERVERS
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     _install_sigterm()
     try:
         device = resolve_device(getattr(args, "device", None))  # before any worker starts: one line if unusable
+        check_local_processes(device, getattr(args, "nproc", None) or 1)
         launched = maybe_launch(args, argv)  # --nproc N > 1: N worker processes run this same command
         if launched is not None:
             return launched
