@@ -14,7 +14,7 @@ needed by later nodes (the *frontier*), and execution pauses at each visited lay
 
 The frontier of all batches is bounded by ``budget_bytes``: when it would grow past it, the last resident
 batches are dropped and *replayed* from the model input for each visited layer (the old cost, for those
-batches only); one batch always stays resident. Models that are not graphs (module swap) fall back to
+batches only); one batch always stays resident. A budget of 0 turns the frontier off. Models that are not graphs (module swap) fall back to
 re-running the model up to each layer (:func:`lowbit.ptq.capture.run_until`).
 """
 
@@ -203,11 +203,11 @@ def visit_layers(model: nn.Module, loop: ForwardLoop, select: Callable[[nn.Modul
     the layer's inputs (or outputs) on every calibration batch with all earlier layers as they stand.
 
     The caller may change the layer before asking for the next one; the change is seen downstream. On a
-    GraphModule this costs one forward pass in all (plus replays past ``budget_bytes``); otherwise one
-    forward up to each layer.
+    GraphModule this costs one forward pass in all (plus replays past ``budget_bytes``); otherwise, or with
+    ``budget_bytes=0``, one forward up to each layer.
     """
     budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    stepper, order = _graph_stepper(model, loop, select, budget)
+    stepper, order = _graph_stepper(model, loop, select, budget) if budget > 0 else (None, None)
     if stepper is None:
         for name, layer in layer_order(model, loop):
             if select(layer):

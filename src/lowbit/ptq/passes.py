@@ -38,7 +38,7 @@ def run_passes(model: nn.Module, names: list[str], loop: ForwardLoop, timings: d
 
 def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
              show_progress: bool = True, pass_batches: int | None = None,
-             timings: dict[str, float] | None = None) -> nn.Module:
+             timings: dict[str, float] | None = None, memory_budget_mb: float | None = None) -> nn.Module:
     """prepare_ → calibrate → convert_ on a copy of ``model``, with the recipe's passes in pipeline order;
     returns the converted (fake-quantized) model (``lowbit.quantize``).
 
@@ -46,6 +46,8 @@ def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: 
         pass_batches: the passes see at most this many calibration batches (None: all); calibration itself
             always uses all of them.
         timings: filled with seconds per pass when given.
+        memory_budget_mb: activations the layer-wise passes may keep (``lowbit.ptq.frontier``; None: 2 GiB,
+            0: keep none and re-run the model up to each layer).
 
     Raises:
         ValueError: an LSTM / GRU / RNN layer that no recipe rule keeps in float (``ptq.recurrent``).
@@ -57,7 +59,8 @@ def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: 
     info = getattr(prepared, "lowbit_info", None)
     if info is not None:
         info.float_layers.extend(k for k in kept_recurrent if k[0] not in {n for n, _ in info.float_layers})
-    loop = ForwardLoop(calib_data, max_batches=pass_batches)
+    budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
+    loop = ForwardLoop(calib_data, max_batches=pass_batches, frontier_bytes=budget)
     run_passes(prepared, [n for n in names if PASS_REGISTRY[n].stage == PRE_CALIBRATION], loop, timings)
     t0 = time.perf_counter()
     calibrate(prepared, calib_data, show_progress=show_progress)
