@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-rev", default=None, help="git revision to time beside this checkout")
     parser.add_argument("--passes", nargs="+", default=list(PASSES))
-    parser.add_argument("--quick", action="store_true", help="smoke run: 8 small views")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 small views (AdaRound still runs its "
+                        "1000 steps per layer, so it is not much quicker)")
+    parser.add_argument("--frontier-off-for", nargs="*", default=["gptq+bias_correction"],
+                        help="passes also timed with the frontier off (memory_budget_mb=0)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             versions.insert(0, (args.baseline_rev, baseline_src(args.baseline_rev, Path(tmp)), "n/a", None))
         for passes in args.passes:
             for code, src, frontier, budget in versions:
+                if frontier == "off" and passes not in args.frontier_off_for:
+                    continue
                 spec = {"passes": passes, "quick": args.quick, "memory_budget_mb": budget}
                 row = {"model": "efficientnet-lite0", "passes": passes, "code": code, "frontier": frontier,
                        "pass_batches": PASS_BATCHES, **run_worker(src, spec), "load_avg": os.getloadavg()[0]}
