@@ -32,6 +32,20 @@ def lowbit_version() -> str:
         return "unknown"
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "avx512_bf16")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of :data:`CPU_FLAGS` ``/proc/cpuinfo`` lists (all False where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return dict.fromkeys(CPU_FLAGS, False)
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return {flag: flag in have for flag in CPU_FLAGS}
+
+
 def stamp() -> dict:
     """Fields every result row carries."""
     return {"machine": machine(), "date": _dt.date.today().isoformat(), "lowbit_version": lowbit_version()}

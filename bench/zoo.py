@@ -50,7 +50,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import stamp, write_results  # noqa: E402
+from _common import cpu_flags, stamp, write_results  # noqa: E402
 
 THREADS = int(os.environ.get("LOWBIT_ZOO_THREADS", "2"))  # --threads sets it for the workers
 EVAL_BATCH = 32
@@ -61,7 +61,6 @@ HEAVY_INT_KERNELS = ("QLinearConv", "ConvInteger", "QLinearConvTranspose", "QLin
 # float ops of the optimized graph that still do the heavy work (ORT fuses Conv/MatMul with their neighbours)
 HEAVY_FLOAT_KERNELS = HEAVY_OPS + ("FusedConv", "FusedMatMul", "FusedGemm", "NhwcFusedConv", "Attention",
                                    "MultiHeadAttention")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
 KEYS = ("model", "heavy_ops", "int_kernels_lowbit", "int_kernels_ort", "latency_ms_b1_fp32", "latency_ms_b1_lowbit",
         "latency_ms_b1_ort", "latency_ms_b32_fp32", "latency_ms_b32_lowbit", "latency_ms_b32_ort", "sqnr_db", "cosine",
         "top1_agreement", "parity_ok", "float_ops_reported")
@@ -74,17 +73,6 @@ log = logging.getLogger("bench.zoo")
 
 def say(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_flags() -> dict[str, bool]:
-    """Which of :data:`CPU_FLAGS` ``/proc/cpuinfo`` lists (all False where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return dict.fromkeys(CPU_FLAGS, False)
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return {flag: flag in have for flag in CPU_FLAGS}
 
 
 def one_line(exc: BaseException, stage: str) -> str:

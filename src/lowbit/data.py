@@ -47,18 +47,24 @@ def iter_batches(data: Iterable[Any] | torch.Tensor, batch_size: int = 32) -> It
         yield from data
 
 
+def batch_args(batch: Any) -> tuple[tuple, dict]:
+    """The ``(args, kwargs)`` a batch is fed with (see the module docstring)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        return (batch[0],), {}
+    if isinstance(batch, dict):
+        return (), batch
+    raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model; pass a forward_loop callable")
+
+
 def run_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on one batch following the conventions in the module docstring; the batch's tensors
     move to the device of an ``nn.Module`` model first."""
     if isinstance(model, nn.Module):
         batch = to_device(batch, model_device(model))
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    if isinstance(batch, dict):
-        return model(**batch)
-    raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model; pass a forward_loop callable")
+    args, kwargs = batch_args(batch)
+    return model(*args, **kwargs)
 
 
 def rank_and_world() -> tuple[int, int]:

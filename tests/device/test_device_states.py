@@ -142,8 +142,6 @@ def test_qat_steps_are_counted_on_the_host():
             assert m.steps_done() == counted[name].steps_done()
 
 
-@pytest.mark.xfail(strict=True, reason="ptq/capture.py InputMoments.empty() makes the moments on the CPU (issue 15, "
-                                       "capture.py:245; the PTQ passes' owner fixes it): remove this mark then")
 def test_capture_moments_live_with_the_layer(strict_devices):
     """Issue 15, ptq/capture.py:245: GPTQ / bias correction failed adding CUDA patches to CPU moments."""
     from lowbit.ptq.capture import InputMoments

@@ -14,6 +14,7 @@ on the layer's frozen grid.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,30 +74,86 @@ def beta_at(step: int, cfg: AdaRoundConfig) -> float | None:
     return cfg.beta[1] + (cfg.beta[0] - cfg.beta[1]) * (1 - frac)
 
 
+def curvature_factor(h: torch.Tensor, rel_tol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Split ``H = F Fᵀ + c·I`` exactly, with ``F`` of small rank, or None when that is not cheaper.
+
+    ``H`` (``[G, d, d]``, symmetric) has eigenvalues ``e₁ ≤ … ≤ e_d``; with ``c = e₁``,
+    ``H = V diag(e − c) Vᵀ + c·I``, and the eigen-directions with ``e_i − c ≤ rel_tol · e_d`` (numerically the
+    ridge alone) are dropped. A layer fed fewer input patches ``n`` than it has inputs ``d`` (a classifier
+    after global pooling) has rank ``k ≤ n ≪ d``, and ``tr(ΔHΔᵀ) = ‖ΔF‖² + c‖Δ‖²`` costs ``r·d·k``
+    instead of ``r·d²``.
+
+    Returns:
+        ``(F [G, d, k], c [G, 1, 1])`` in float32, or None when ``k > d / 2``.
+    """
+    e, v = torch.linalg.eigh(h.double())  # ascending
+    c = e[:, :1]
+    rest = (e - c).clamp_min(0.0)
+    keep = rest > rel_tol * e[:, -1:].abs()
+    k = int(keep.sum(dim=-1).max())
+    d = h.shape[-1]
+    if k > d // 2:
+        return None
+    f = v[..., d - k:] * rest[:, None, d - k:].sqrt() if k else h.new_zeros(h.shape[0], d, 0).double()
+    return f.float(), c.float().unsqueeze(-1)
+
+
+def curvature_product(h: torch.Tensor, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``Δ ↦ Δ·H`` for ``Δ`` of shape ``[G, rows, d]``, through :func:`curvature_factor` when that is cheaper."""
+    g, d = h.shape[0], h.shape[-1]
+    split = curvature_factor(h) if d >= 64 else None
+    if split is None:
+        hf = h.float()
+        if g > 64 and g * rows * d * d <= 2**24:  # many tiny groups (depthwise): a broadcast beats bmm
+            return lambda delta: (delta.unsqueeze(-1) * hf.unsqueeze(1)).sum(dim=-2)
+        return lambda delta: torch.bmm(delta, hf)
+    f, c = split
+    ft = f.transpose(1, 2).contiguous()
+    return lambda delta: torch.bmm(torch.bmm(delta, f), ft) + c * delta
+
+
+def adaround_grad(v: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, base: torch.Tensor, qmin: int,
+                  qmax: int, times_h: Callable[[torch.Tensor], torch.Tensor], beta: float | None,
+                  reg_weight: float) -> torch.Tensor:
+    """``∂L/∂V`` written out (no autograd; one ``Δ·H`` product). With ``base = ⌊W/s⌋ + z``,
+    ``W̃ = s·(clamp(base + h, qmin, qmax) − z)`` and ``Δ = W − W̃``::
+
+        ∂L/∂h = −2 s (ΔH) · [qmin ≤ base + h ≤ qmax]  −  2λβ |2h − 1|^(β−1) sign(2h − 1)   (λ term after warm-up)
+        ∂h/∂V = (ζ − γ) σ(V)(1 − σ(V)) · [0 ≤ σ(V)(ζ − γ) + γ ≤ 1]
+
+    (the masks are where ``clamp`` passes gradient, as autograd does).
+    """
+    span = ZETA - GAMMA
+    sig = torch.sigmoid(v)
+    raw = sig * span + GAMMA
+    hv = raw.clamp(0.0, 1.0)
+    codes = base + hv
+    delta = w - (codes.clamp(qmin, qmax) - z) * s
+    grad = times_h(delta).mul_(-2.0 * s).mul_((codes >= qmin) & (codes <= qmax))
+    if beta is not None and reg_weight:
+        t = 2.0 * hv - 1.0
+        grad -= (2.0 * reg_weight * beta) * t.abs().pow(beta - 1.0) * torch.sign(t)
+    return grad.mul_(sig * (1.0 - sig) * span).mul_((raw >= 0.0) & (raw <= 1.0))
+
+
 def adaround_weight(weight: torch.Tensor, second_moment: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                     qmin: int, qmax: int, cfg: AdaRoundConfig = AdaRoundConfig()) -> torch.Tensor:
-    """Learned rounding of ``weight`` (``[G, r, d]``) for inputs with second moment ``E[x xᵀ]`` (``[G, d, d]``).
+    """Learned rounding of ``weight`` (``[G, r, d]``) for inputs with second moment ``E[x xᵀ]`` (``[G, d, d]``):
+    Adam on ``V`` with :func:`adaround_grad`.
 
     Returns:
         ``[G, r, d]`` weights on the grid given by ``scale`` / ``zero_point`` (per element).
     """
     w = weight.detach().float()
     s, z = scale.float(), zero_point.float()
-    h_mat = second_moment.float()
+    times_h = curvature_product(second_moment, w.shape[1])
     floor = torch.floor(w / s)
-    v = init_v(w / s - floor).requires_grad_(True)
+    base = floor + z
+    v = init_v(w / s - floor).detach().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=cfg.lr)
     for step in range(cfg.iterations):
-        soft = (torch.clamp(floor + rectified_sigmoid(v) + z, qmin, qmax) - z) * s
-        delta = w - soft
-        recon = (torch.bmm(delta, h_mat) * delta).sum()  # E_x Σ_o (ΔW x)_o²
-        beta = beta_at(step, cfg)
-        loss = recon
-        if beta is not None:
-            hv = rectified_sigmoid(v)
-            loss = loss + cfg.reg_weight * (1 - torch.abs(2 * hv - 1) ** beta).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.no_grad():
+            v.grad = adaround_grad(v, w, s, z, base, qmin, qmax, times_h, beta_at(step, cfg), cfg.reg_weight)
         opt.step()
     with torch.no_grad():
         hard = (v >= 0).float()

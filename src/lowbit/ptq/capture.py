@@ -43,14 +43,18 @@ class ForwardLoop:
             ``forward_loop(model)`` callable (then captures cannot stop early and run whole passes).
         batch_size: batch size when ``data`` is one Tensor.
         max_batches: use at most this many batches (None: all).
+        frontier_bytes: memory the layer-wise passes may spend on kept activations (None: the default of
+            ``lowbit.ptq.frontier``).
     """
 
-    def __init__(self, data: Any, batch_size: int = 32, max_batches: int | None = None) -> None:
+    def __init__(self, data: Any, batch_size: int = 32, max_batches: int | None = None,
+                 frontier_bytes: int | None = None) -> None:
         if isinstance(data, ForwardLoop):
             data = data.data
         self.data = data
         self.batch_size = batch_size
         self.max_batches = max_batches
+        self.frontier_bytes = frontier_bytes
 
     @property
     def is_callable_only(self) -> bool:
@@ -206,8 +210,10 @@ class InputMoments:
 
     @classmethod
     def empty(cls, layer: nn.Module) -> InputMoments:
-        g, _, d = weight_matrix(layer).shape
-        return cls(torch.zeros(g, d, d, dtype=torch.float64), torch.zeros(g, d, dtype=torch.float64))
+        w = weight_matrix(layer)
+        g, _, d = w.shape
+        return cls(torch.zeros(g, d, d, dtype=torch.float64, device=w.device),
+                   torch.zeros(g, d, dtype=torch.float64, device=w.device))
 
     def update(self, layer: nn.Module, x: torch.Tensor) -> None:
         """Add one batch of layer inputs (cut into chunks so the patch tensor stays small)."""

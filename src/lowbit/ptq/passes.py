@@ -42,7 +42,8 @@ def run_passes(model: nn.Module, names: list[str], loop: ForwardLoop, timings: d
 
 def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: torch.Tensor | None = None,
              show_progress: bool = True, pass_batches: int | None = None,
-             timings: dict[str, float] | None = None, device: str | torch.device | None = None) -> nn.Module:
+             timings: dict[str, float] | None = None, device: str | torch.device | None = None,
+             memory_budget_mb: float | None = None) -> nn.Module:
     """prepare_ → calibrate → convert_ on a copy of ``model``, with the recipe's passes in pipeline order;
     returns the converted (fake-quantized) model (``lowbit.quantize``).
 
@@ -53,6 +54,8 @@ def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: 
         device: where the copy runs: ``"cpu"``, ``"cuda"`` / ``"cuda:N"``, ``"auto"`` (CUDA when available)
             or a ``torch.device``; None keeps ``model``'s device. Batches move there one at a time, so the
             calibration data may stay on the CPU. The returned model and all its state live there.
+        memory_budget_mb: activations the layer-wise passes may keep (``lowbit.ptq.frontier``; None: 2 GiB,
+            0: keep none and re-run the model up to each layer).
 
     Raises:
         ValueError: an LSTM / GRU / RNN layer that no recipe rule keeps in float (``ptq.recurrent``).
@@ -67,7 +70,8 @@ def quantize(model: nn.Module, calib_data: Data, recipe: Recipe, example_input: 
     info = getattr(prepared, "lowbit_info", None)
     if info is not None:
         info.float_layers.extend(k for k in kept_recurrent if k[0] not in {n for n, _ in info.float_layers})
-    loop = ForwardLoop(calib_data, max_batches=pass_batches)
+    budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
+    loop = ForwardLoop(calib_data, max_batches=pass_batches, frontier_bytes=budget)
     run_passes(prepared, [n for n in names if PASS_REGISTRY[n].stage == PRE_CALIBRATION], loop, timings, show_progress)
     t0 = time.perf_counter()
     calibrate(prepared, calib_data, show_progress=show_progress)

@@ -21,7 +21,8 @@ from torch import nn
 
 from lowbit.core import PerTensor
 from lowbit.nn import QuantLayerMixin
-from lowbit.ptq.capture import as_forward_loop, capture_moments, layer_order, weight_matrix
+from lowbit.ptq.capture import InputMoments, as_forward_loop, effective_input, weight_matrix
+from lowbit.ptq.frontier import visit_layers
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def search_clipping(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int
                     per_row: bool = True, num: int = 40, min_ratio: float = 0.3) -> torch.Tensor:
     """Best clipping ratio ``α`` per row (``[G, r]``; one shared value when ``per_row`` is False)."""
     best_err = None
-    best = torch.ones(w.shape[:2], dtype=torch.float64)
+    best = torch.ones(w.shape[:2], dtype=torch.float64, device=w.device)
     for ratio in torch.linspace(1.0, min_ratio, num).tolist():
         err = row_errors(w, quantize_columns(w, s * ratio, z, qmin, qmax), h)
         if not per_row:
@@ -110,7 +111,8 @@ def round_layers(model: nn.Module, forward_loop, rounder: Rounder, label: str, d
                  clip_search: bool = True) -> nn.Module:
     """The driver AdaRound and GPTQ share: every quantized Conv/Linear of a converted model, in execution order.
 
-    Per layer: capture the input moment from the model as it stands (earlier layers already rounded, so the
+    Per layer (``lowbit.ptq.frontier.visit_layers``: one forward pass in all on captured graphs): capture the
+    input moment from the model as it stands (earlier layers already rounded, so the
     rounding also answers everything upstream), add the ridge ``damp + d/n`` (``InputMoments.ridge``),
     re-choose the weight clipping by output error (``clip_search``), round with ``rounder`` and write the
     on-grid weights back (the frozen qparams stay).
@@ -118,10 +120,12 @@ def round_layers(model: nn.Module, forward_loop, rounder: Rounder, label: str, d
     loop = as_forward_loop(forward_loop)
     t0 = time.perf_counter()
     done = 0
-    for name, layer in layer_order(model, loop):
-        if not quantizable(layer):
-            continue
-        h = capture_moments(model, loop, layer).damped_second_moment(damp)
+    for name, layer, feed in visit_layers(model, loop, quantizable, loop.frontier_bytes):
+        moments = InputMoments.empty(layer)
+        feed(on_input=lambda x, layer=layer, moments=moments: moments.update(layer, effective_input(layer, x)))
+        if moments.count == 0:
+            raise RuntimeError(f"layer {name} was never called by the calibration data")
+        h = moments.damped_second_moment(damp)
         s, z, qmin, qmax = layer_grid(layer)
         w = weight_matrix(layer).detach()
         if clip_search:
