@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "1000 steps per layer, so it is not much quicker)")
     parser.add_argument("--frontier-off-for", nargs="*", default=["gptq+bias_correction"],
                         help="passes also timed with the frontier off (memory_budget_mb=0)")
+    parser.add_argument("--tag", default="", help="results file pass_speed_<tag>.json (a re-run beside the main one)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 say(json.dumps(row))
                 rows.append(row)
     rows = [{**r, **stamp(), "cpu_flags": cpu_flags()} for r in rows]
-    write_results("pass_speed_quick" if args.quick else "pass_speed", rows)
+    name = "pass_speed_quick" if args.quick else "pass_speed"
+    write_results(f"{name}_{args.tag}" if args.tag else name, rows)
     return rows
 
 
