@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from lowbit.cli.main import main, parse_passes
@@ -33,4 +34,26 @@ def test_unknown_pass_is_one_line_exit_2(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["lowbit: error: unknown pass 'magic'; known passes: cle, adaround, gptq, bias_correction"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_memory_budget_zero_gives_the_same_model_as_the_frontier(tmp_path):
+    """--memory-budget-mb 0 re-runs the model up to each layer; the default keeps activations: same files."""
+    outs = []
+    for budget in ("0", "512"):
+        out = tmp_path / f"out{budget}"
+        rc = main(["quantize", "--model", "digits-cnn", "--data", "digits", "--passes", "gptq,bias_correction",
+                   "--pass-batches", "2", "--memory-budget-mb", budget, "--out", str(out), "--repeats", "1"])
+        assert rc == 0
+        outs.append(json.loads((out / "report.json").read_text()))
+    assert outs[0]["metric_int8"] == outs[1]["metric_int8"] and outs[0]["kl"] == outs[1]["kl"]
+
+
+def test_negative_memory_budget_is_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse's own usage error
+        main(["quantize", "--model", "digits-cnn", "--data", "digits", "--memory-budget-mb", "-5",
+              "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err[-1]) < 200 and "--memory-budget-mb" in err[-1] and ">= 0" in err[-1]
     assert not (tmp_path / "o").exists()

@@ -55,6 +55,17 @@ MAX_MESSAGE = 500  # characters of an error line: a message never floods the ter
 console = Console(stderr=False)
 
 
+def _budget_mb(text: str) -> float:
+    """``--memory-budget-mb``: a number of MiB >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text[:20]!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 MiB, got {text[:20]!r}")
+    return value
+
+
 def _add_quantize_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", required=True, help=f"zoo name ({', '.join(MODEL_NAMES)}) or package.module:callable")
@@ -70,6 +81,9 @@ def _add_quantize_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                        help="post-training passes, comma-separated (cle, bias_correction, adaround, gptq; run in that "
                             "pipeline order); overrides the recipe's; 'none' for none")
         p.add_argument("--pass-batches", type=int, default=None, help="calibration batches the passes see (default all)")
+        p.add_argument("--memory-budget-mb", type=_budget_mb, default=None,
+                       help="activations GPTQ / AdaRound / bias correction keep between layers (default 2048; 0: keep "
+                            "none and re-run the model up to each layer)")
         p.add_argument("--nproc", type=int, default=None, help="calibrate in N local processes (gloo, torchrun-compatible)")
         p.add_argument("--io", choices=("float", "int8"), default="float",
                        help="recipe target litert: float input/output (quantized inside the model, default) or int8")
@@ -146,7 +160,7 @@ def run_quantize(args: argparse.Namespace, model_spec: str, data_spec: str, reci
     result = quantize_to_dir(src.model, src.example_input, calib, recipe, args.out, ev, force=args.force,
                              labels=labels, threads=args.threads, repeats=args.repeats, on_report=on_report,
                              pass_batches=getattr(args, "pass_batches", None), io=getattr(args, "io", "float"),
-                             device=args.device)
+                             device=args.device, memory_budget_mb=getattr(args, "memory_budget_mb", None))
     print_report(result.report, result.out_dir)
     return 0
 

@@ -76,6 +76,7 @@ def quantize_to_dir(
     embedding: bool = False,
     io: str = "float",
     device: str | torch.device | None = None,
+    memory_budget_mb: float | None = None,
 ) -> QuantizeResult:
     """Run the whole quantize job and write ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.yaml``,
     ``report.json``, ``report.md`` (and ``calibration.cache`` for target tensorrt) into ``out_dir``.
@@ -92,6 +93,8 @@ def quantize_to_dir(
         io: target ``litert`` only: ``float`` input / output (default) or ``int8`` tensors.
         device: where calibration, the passes and the simulation run (``cpu``, ``cuda``, ``auto`` or a
             ``torch.device``; None: ``model``'s device). Export and ONNX Runtime work on a CPU copy.
+        memory_budget_mb: activations GPTQ / AdaRound / bias correction may keep between layers
+            (``lowbit.ptq.frontier``; None: 2 GiB; 0: none, the model is re-run up to each layer).
 
     Target ``litert`` writes ``model_fp32.tflite`` / ``model_int8.tflite`` instead of the ONNX files and measures
     them on the LiteRT interpreter (:mod:`lowbit.jobs.litert`).
@@ -110,7 +113,8 @@ def quantize_to_dir(
     with staged_output(out_dir, force) as staging:
         t0 = time.perf_counter()
         pass_seconds: dict[str, float] = {}
-        qmodel = quantize(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds)
+        qmodel = quantize(model, calib_data, recipe, example_input, show_progress, pass_batches, pass_seconds,
+                          memory_budget_mb=memory_budget_mb)
         calib_seconds = time.perf_counter() - t0
         report = {**(labels or {}), **_outputs_and_figures(staging, qmodel, example_input, recipe, eval_set,
                                                             threads, repeats, io)}
