@@ -52,7 +52,7 @@ def apply(model: nn.Module, forward_loop) -> nn.Module:
     t0 = time.perf_counter()
     layers = [(n, m) for n, m in layer_order(model, loop) if quantizable(m)]
     ref = float_output_means(model, loop, layers)
-    for name, layer, feed in visit_layers(model, loop, quantizable, loop.frontier_bytes):
+    for name, layer, feed in visit_layers(model, loop, quantizable, loop.frontier_bytes, "bias correction"):
         cm = ChannelMean(channel_dim_of(layer))
         with engine_unlinked(layer):
             feed(on_output=cm.update)

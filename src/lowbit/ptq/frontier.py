@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from lowbit.data import batch_args
 from lowbit.device import model_device, to_device
+from lowbit.progress import progress_steps
 from lowbit.ptq.capture import ForwardLoop, layer_order, run_until
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ class _Stepper:
 
 
 def visit_layers(model: nn.Module, loop: ForwardLoop, select: Callable[[nn.Module], bool],
-                 budget_bytes: int | None = None) -> Iterator[tuple[str, nn.Module, Feed]]:
+                 budget_bytes: int | None = None, description: str = "layers") -> Iterator[tuple[str, nn.Module, Feed]]:
     """The selected quantized layers in execution order, each with ``feed(on_input=, on_output=)`` giving
     the layer's inputs (or outputs) on every calibration batch with all earlier layers as they stand.
 
@@ -210,12 +211,13 @@ def visit_layers(model: nn.Module, loop: ForwardLoop, select: Callable[[nn.Modul
     budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
     stepper, order = _graph_stepper(model, loop, select, budget) if budget > 0 else (None, None)
     if stepper is None:
-        for name, layer in layer_order(model, loop):
-            if select(layer):
-                yield name, layer, lambda on_input=None, on_output=None, layer=layer: run_until(
-                    model, loop, layer, on_input, on_output)
+        chosen = [(n, m) for n, m in layer_order(model, loop) if select(m)]
+        for name, layer in progress_steps(chosen, description):
+            yield name, layer, lambda on_input=None, on_output=None, layer=layer: run_until(
+                model, loop, layer, on_input, on_output)
         return
-    for name, layer, index in order:  # no grad-mode context around the yield: it would leak into the caller
+    # no grad-mode context around the yield: it would leak into the caller's loop body
+    for name, layer, index in progress_steps(order, description):
         with torch.no_grad():
             stepper.advance(index)
         yield name, layer, lambda on_input=None, on_output=None, layer=layer, index=index: stepper.feed(

@@ -120,7 +120,7 @@ def round_layers(model: nn.Module, forward_loop, rounder: Rounder, label: str, d
     loop = as_forward_loop(forward_loop)
     t0 = time.perf_counter()
     done = 0
-    for name, layer, feed in visit_layers(model, loop, quantizable, loop.frontier_bytes):
+    for name, layer, feed in visit_layers(model, loop, quantizable, loop.frontier_bytes, label):
         moments = InputMoments.empty(layer)
         feed(on_input=lambda x, layer=layer, moments=moments: moments.update(layer, effective_input(layer, x)))
         if moments.count == 0:
