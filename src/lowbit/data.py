@@ -19,6 +19,7 @@ CUDA.
 from __future__ import annotations
 
 import copy
+import sys
 import numbers
 
 from collections.abc import Callable, Iterable, Iterator
@@ -136,7 +137,10 @@ class StreamedInputs:
         starts = list(range(0, len(self), self.batch_size))
         loader = torch.utils.data.DataLoader(
             _Batches(self, starts), batch_size=None, num_workers=self.workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            # not fork: a process that already runs threads (JAX from the LiteRT target, CUDA) can deadlock in a
+            # forked child; the inputs pickle by path (``NpyInputs`` re-opens its map)
+            multiprocessing_context="forkserver" if self.workers and sys.platform == "linux" else None)
         yield from loader
 
 
