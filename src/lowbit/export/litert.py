@@ -27,6 +27,7 @@ from torch import nn
 
 from lowbit.core import PerTensor
 from lowbit.export.litert_flatbuffer import float_interface
+from lowbit.export.litert_rewrite import fold_same_pads
 from lowbit.nn import QuantLayerMixin, TensorQuantizer, instance_overrides, quantizers_disabled
 from lowbit.nn.modules import INT32_MIN, INT32_MAX
 from lowbit.transforms.graph import is_zero_pad
@@ -203,6 +204,9 @@ def to_tflite(model: nn.Module, example: torch.Tensor, float_model: bool = False
     ``float_model=True``: the same graph with every quantizer disabled (the float reference).
     ``io``: ``float`` (the int8 model quantizes its input and dequantizes its output itself) or ``int8`` (the
     app feeds int8 codes with the input's qparams and reads int8 codes).
+
+    Both files go through :func:`lowbit.export.litert_rewrite.fold_same_pads`: the asymmetric TensorFlow SAME
+    paddings (stride 2) the converter leaves as ``TRANSPOSE → PAD → TRANSPOSE`` become SAME convolutions.
     """
     if io not in ("float", "int8"):
         raise ValueError(f"io must be 'float' or 'int8', got {io!r}")
@@ -213,9 +217,9 @@ def to_tflite(model: nn.Module, example: torch.Tensor, float_model: bool = False
     example = example[:1]
     if float_model:
         with quantizers_disabled(model), pt2e_form(model):
-            return _convert(model, example)
+            return fold_same_pads(_convert(model, example))[0]
     with pt2e_form(model):
-        data = _convert(model, example, _static_quant_config())
+        data = fold_same_pads(_convert(model, example, _static_quant_config()))[0]
     return float_interface(data) if io == "float" else data
 
 

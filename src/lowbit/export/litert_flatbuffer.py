@@ -127,8 +127,6 @@ def _op(opcode: int, inputs: list[int], outputs: list[int]):
 def float_interface(buf: bytes) -> bytes:
     """``buf`` with float32 inputs / outputs: a QUANTIZE before every int8 input, a DEQUANTIZE after every int8
     output (same qparams), signature entries pointing at the new tensors. Float tensors are left as they are."""
-    import flatbuffers
-
     schema = _schema()
     model = load_model(buf)
     sg = model.subgraphs[0]
@@ -150,6 +148,13 @@ def float_interface(buf: bytes) -> bytes:
     for sig in model.signatureDefs or []:
         for entry in list(sig.inputs or []) + list(sig.outputs or []):
             entry.tensorIndex = renamed.get(entry.tensorIndex, entry.tensorIndex)
-    builder = flatbuffers.Builder(len(buf) + 4096)
+    return pack(model, len(buf))
+
+
+def pack(model, size_hint: int = 1 << 20) -> bytes:
+    """The ``.tflite`` bytes of a schema object tree (``ModelT``), file identifier ``TFL3``."""
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size_hint + 4096)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
