@@ -192,3 +192,100 @@ def _drop_unused_buffers(model) -> None:
         m.buffer = remap[int(m.buffer)]
     if model.metadataBuffer is not None:
         model.metadataBuffer = [remap[int(b)] for b in model.metadataBuffer]
+
+
+INT16_MAX = 32767
+
+
+def int16_scale(scale: float, zero_point: int) -> float:
+    """Scale of the symmetric int16 tensor (zero-point 0, as LiteRT requires) covering the int8 range.
+
+    The int8 tensor covers ``[(-128 - z) · s, (127 - z) · s]``; the int16 one ``±max(|lo|, |hi|)``, so
+    ``s16 = max(|lo|, |hi|) / 32767`` (about 100x to 250x finer than ``s``).
+    """
+    lo, hi = (-128 - zero_point) * scale, (127 - zero_point) * scale
+    return float(np.float32(max(abs(lo), abs(hi)) / INT16_MAX))
+
+
+def int16_output_model(model) -> list[int]:
+    """In place: every int8 model output written by a FULLY_CONNECTED with int8 input becomes an int16 tensor
+    (symmetric, scale from :func:`int16_scale`); LiteRT's FULLY_CONNECTED requantizes its int32 accumulator
+    straight to int16 (``round(acc · s_in · s_w / s16)``), so the logits keep ~16 bits instead of 8. Returns the
+    rewritten output tensor indices."""
+    schema, g = _schema(), _Graph(model)
+    done = []
+    for t in g.sg.outputs:
+        k = g.producer.get(int(t))
+        tensor = g.sg.tensors[int(t)]
+        if k is None or g.kind[k] != "FULLY_CONNECTED" or tensor.type != schema.TensorType.INT8:
+            continue
+        if g.sg.tensors[int(g.sg.operators[k].inputs[0])].type != schema.TensorType.INT8:
+            continue
+        q = tensor.quantization
+        q.scale = [int16_scale(float(q.scale[0]), int(q.zeroPoint[0]))]
+        q.zeroPoint = [0]
+        tensor.type = schema.TensorType.INT16
+        done.append(int(t))
+    return done
+
+
+def _float_data(model, tensor) -> np.ndarray | None:
+    data = model.buffers[tensor.buffer].data
+    if data is None or len(data) == 0 or tensor.type != _schema().TensorType.FLOAT32:
+        return None
+    return np.frombuffer(bytes(bytearray(data)), dtype="<f4").reshape([int(d) for d in tensor.shape])
+
+
+def _match_codes(values: np.ndarray, weights: list[tuple]) -> tuple | None:
+    """The ``(codes, scales, axis)`` entry whose dequantized value ``float32(codes) · scales`` equals ``values``."""
+    for codes, scales, axis in weights:
+        if codes.shape != values.shape:
+            continue
+        shape = [-1 if d == axis else 1 for d in range(codes.ndim)] if scales.size > 1 else [1]
+        if np.array_equal(codes.astype(np.float32) * scales.astype(np.float32).reshape(shape), values):
+            return codes, scales, axis
+    return None
+
+
+def _int8_twin(model, sg, index: int, codes: np.ndarray, scales: np.ndarray, axis: int) -> int:
+    """A new int8 constant tensor holding ``codes`` (per-channel ``scales`` on ``axis``, zero-point 0)."""
+    schema = _schema()
+    buffer = schema.BufferT()
+    buffer.data = np.ascontiguousarray(codes, np.int8).view(np.uint8).reshape(-1)
+    model.buffers.append(buffer)
+    q = schema.QuantizationParametersT()
+    q.scale, q.zeroPoint, q.quantizedDimension = scales.astype(np.float32).tolist(), [0] * scales.size, axis
+    t = schema.TensorT()
+    t.shape, t.type, t.buffer, t.quantization = list(codes.shape), schema.TensorType.INT8, len(model.buffers) - 1, q
+    t.name = _text_name(sg.tensors[index].name) + "_int8"
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
+def _text_name(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
+def int8_weights_behind_dequantize(buf: bytes, weights: list[tuple]) -> bytes:
+    """``buf`` with every float32 constant that equals a given ``(codes, scales, axis)`` dequantized weight
+    stored as those int8 codes behind a DEQUANTIZE op (``w = float32(q) · s``, bit-identical to the float
+    constant: the interpreter computes it once, at allocation). A float layer then costs the int8 size.
+    Returns ``buf`` unchanged when nothing matches."""
+    from lowbit.export.litert_flatbuffer import _op, _opcode_index
+
+    model = load_model(buf)
+    sg, head = model.subgraphs[0], []
+    used = {int(t) for op in sg.operators for t in op.inputs if t >= 0}
+    for index in sorted(used):
+        values = _float_data(model, sg.tensors[index])
+        match = None if values is None else _match_codes(values, weights)
+        if match is None:
+            continue
+        twin = _int8_twin(model, sg, index, *match)
+        head.append(_op(_opcode_index(model, _schema().BuiltinOperator.DEQUANTIZE), [twin], [index]))
+        sg.tensors[index].buffer = 0
+    if not head:
+        return buf
+    sg.operators = head + list(sg.operators)
+    drop_unused(model)
+    return pack(model, len(buf))
