@@ -169,8 +169,9 @@ def fold_zero_pads(gm: fx.GraphModule) -> int:
 
 
 def head_quantizer(model: nn.Module) -> tuple[str, TensorQuantizer, QuantLayerMixin] | None:
-    """``(name, quantizer, layer)`` when the model's single output is a quantized layer's output run through an
-    active activation quantizer (a classifier's int8 logits), else None."""
+    """``(name, quantizer, layer)`` when the model's single output is a quantized ``nn.Linear``'s output run
+    through an active activation quantizer (a classifier's int8 logits), else None. Conv outputs (dense
+    prediction heads) are left int8: a float conv there would cost real time."""
     if not isinstance(model, fx.GraphModule):
         return None
     out = next(n for n in model.graph.nodes if n.op == "output").args[0]
@@ -178,7 +179,8 @@ def head_quantizer(model: nn.Module) -> tuple[str, TensorQuantizer, QuantLayerMi
         return None
     quantizer, src = model.get_submodule(out.target), out.args[0]
     if not isinstance(quantizer, TensorQuantizer) or not quantizer.is_active or not isinstance(src, fx.Node) \
-            or src.op != "call_module" or not isinstance(model.get_submodule(src.target), QuantLayerMixin):
+            or src.op != "call_module" or not isinstance(model.get_submodule(src.target), QuantLayerMixin) \
+            or not isinstance(model.get_submodule(src.target), nn.Linear):
         return None
     return out.target, quantizer, model.get_submodule(src.target)
 
