@@ -129,7 +129,8 @@ def to_markdown(r: dict) -> str:
         f"# lowbit INT8 report: {r.get('model', 'model')} → LiteRT",
         "",
         f"Recipe `{r.get('recipe', '?')}`, calibrator `{r.get('calibrator', '?')}`, target `litert`, "
-        f"{r.get('io', 'float')} input/output; {r.get('eval_samples', '?')} evaluation samples"
+        f"{r.get('io', 'float')} input/output, {r.get('head', 'int8')} logits; "
+        f"{r.get('eval_samples', '?')} evaluation samples"
         f"{(' — ' + r['eval_note']) if r.get('eval_note') else ''}. All INT8 figures are measured on the LiteRT "
         f"interpreter {r.get('litert_version', '')} (XNNPACK delegate, {r.get('threads', '?')} threads) running "
         "`model_int8.tflite`.",
