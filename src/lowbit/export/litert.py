@@ -279,13 +279,14 @@ def _dequantized_weight(layer: QuantLayerMixin) -> tuple:
 
 
 def _weight_codes(layer: QuantLayerMixin) -> tuple:
-    """``(codes int8, scales float32, axis)`` of a layer's per-channel weight quantizer."""
+    """``(codes int8, scales float32, axis)`` of a layer's weight: the codes of the weight quantizer's own
+    output (its PT2E quantize → dequantize inside :func:`pt2e_form`), ``q = round(w_dq / s)``, exact."""
     q = layer.weight_quantizer
     axis = q.spec.granularity.axis % layer.weight.ndim if not isinstance(q.spec.granularity, PerTensor) else 0
     scale = q.scale.detach().reshape(-1).to(torch.float32)
     shape = [-1 if d == axis else 1 for d in range(layer.weight.ndim)] if scale.numel() > 1 else [1]
     with torch.no_grad():
-        codes = torch.clamp(torch.round(layer.weight / scale.reshape(shape)), q.spec.qmin, q.spec.qmax)
+        codes = torch.clamp(torch.round(q(layer.weight) / scale.reshape(shape)), q.spec.qmin, q.spec.qmax)
     return codes.to(torch.int8).numpy(), scale.numpy(), axis
 
 
