@@ -261,6 +261,7 @@ def to_tflite(model: nn.Module, example: torch.Tensor, float_model: bool = False
 
 
 def _check_head(io: str, head: str | None) -> str:
+    """The head to export: ``float`` by default with float io, ``int8`` with int8 io (the only choice there)."""
     head = head or ("float" if io == "float" else "int8")
     if head not in ("float", "int8") or (io == "int8" and head == "float"):
         raise ValueError(f"head must be 'float' or 'int8' ('int8' with io='int8'), got {head!r}")

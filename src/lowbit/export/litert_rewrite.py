@@ -2,6 +2,8 @@
 
 * :func:`fold_same_pads`: a ``PAD`` (with ``TRANSPOSE`` pairs around it) in front of a VALID convolution whose
   padding is exactly what TensorFlow ``SAME`` adds becomes the convolution's own ``padding=SAME``.
+* :func:`int8_weights_behind_dequantize`: float32 weight constants that are dequantized int8 codes are stored as
+  those codes behind a DEQUANTIZE op (a float layer at the int8 size).
 * :func:`drop_unused`: removes tensors no op reads or writes and buffers no tensor uses (indices renumbered).
 
 Both edit the object tree in place; :func:`lowbit.export.litert_flatbuffer.pack` writes it back to bytes.
@@ -42,6 +44,7 @@ def _const(model, sg, index: int) -> np.ndarray | None:
 
 
 def _qparams(tensor) -> tuple:
+    """``(scales, zero_points)`` of a tensor, ``()`` for an unquantized one."""
     q = tensor.quantization
     if q is None or q.scale is None:
         return ()
@@ -153,10 +156,10 @@ def fold_same_pads(buf: bytes) -> tuple[bytes, int]:
 
 
 def _used_tensors(sg) -> list[int]:
+    """Sorted indices of the tensors an op, input or output of ``sg`` refers to."""
     used = {int(t) for op in sg.operators for t in list(op.inputs) + list(op.outputs) if t >= 0}
     used |= {int(t) for t in sg.inputs} | {int(t) for t in sg.outputs}
-    if getattr(sg, "intermediates", None) is not None:
-        used |= {int(t) for op in sg.operators for t in (op.intermediates or [])}
+    used |= {int(t) for op in sg.operators for t in (op.intermediates if op.intermediates is not None else [])}
     return sorted(used)
 
 
@@ -181,6 +184,7 @@ def drop_unused(model) -> None:
 
 
 def _drop_unused_buffers(model) -> None:
+    """Remove buffers no tensor (any subgraph) or metadata entry refers to; buffer 0 stays."""
     meta = [m.buffer for m in model.metadata or []] + list(model.metadataBuffer or [])
     used = sorted({0} | {int(t.buffer) for s in model.subgraphs for t in s.tensors} | {int(b) for b in meta})
     remap = {old: new for new, old in enumerate(used)}
@@ -194,42 +198,8 @@ def _drop_unused_buffers(model) -> None:
         model.metadataBuffer = [remap[int(b)] for b in model.metadataBuffer]
 
 
-INT16_MAX = 32767
-
-
-def int16_scale(scale: float, zero_point: int) -> float:
-    """Scale of the symmetric int16 tensor (zero-point 0, as LiteRT requires) covering the int8 range.
-
-    The int8 tensor covers ``[(-128 - z) · s, (127 - z) · s]``; the int16 one ``±max(|lo|, |hi|)``, so
-    ``s16 = max(|lo|, |hi|) / 32767`` (about 100x to 250x finer than ``s``).
-    """
-    lo, hi = (-128 - zero_point) * scale, (127 - zero_point) * scale
-    return float(np.float32(max(abs(lo), abs(hi)) / INT16_MAX))
-
-
-def int16_output_model(model) -> list[int]:
-    """In place: every int8 model output written by a FULLY_CONNECTED with int8 input becomes an int16 tensor
-    (symmetric, scale from :func:`int16_scale`); LiteRT's FULLY_CONNECTED requantizes its int32 accumulator
-    straight to int16 (``round(acc · s_in · s_w / s16)``), so the logits keep ~16 bits instead of 8. Returns the
-    rewritten output tensor indices."""
-    schema, g = _schema(), _Graph(model)
-    done = []
-    for t in g.sg.outputs:
-        k = g.producer.get(int(t))
-        tensor = g.sg.tensors[int(t)]
-        if k is None or g.kind[k] != "FULLY_CONNECTED" or tensor.type != schema.TensorType.INT8:
-            continue
-        if g.sg.tensors[int(g.sg.operators[k].inputs[0])].type != schema.TensorType.INT8:
-            continue
-        q = tensor.quantization
-        q.scale = [int16_scale(float(q.scale[0]), int(q.zeroPoint[0]))]
-        q.zeroPoint = [0]
-        tensor.type = schema.TensorType.INT16
-        done.append(int(t))
-    return done
-
-
 def _float_data(model, tensor) -> np.ndarray | None:
+    """A float32 constant tensor's values (None for other tensors)."""
     data = model.buffers[tensor.buffer].data
     if data is None or len(data) == 0 or tensor.type != _schema().TensorType.FLOAT32:
         return None
@@ -263,6 +233,7 @@ def _int8_twin(model, sg, index: int, codes: np.ndarray, scales: np.ndarray, axi
 
 
 def _text_name(value) -> str:
+    """A tensor name as text."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
 
 
