@@ -87,7 +87,7 @@ def _pad_chain(g: _Graph, tensor: int):
         k = g.producer[tensor]
         op = g.sg.operators[k]
         const = _const(g.model, g.sg, int(op.inputs[1])) if len(op.inputs) == 2 else None
-        if const is None or (ops and not g.private(tensor)):
+        if const is None or not g.private(tensor):  # every tensor on the chain, the conv input too
             break
         if g.kind[k] == "PAD":
             for i, a in enumerate(axes):
