@@ -99,6 +99,7 @@ def op_summary(buf: bytes) -> OpSummary:
 
 
 def _is_constant(model, sg, index: int) -> bool:
+    """The tensor has data in the file (a weight or other constant)."""
     data = model.buffers[sg.tensors[index].buffer].data
     return data is not None and len(data) > 0
 
