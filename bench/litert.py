@@ -2,7 +2,9 @@
 
 For each model the same calibration data goes to
 
-* ``lowbit``: recipe ``litert-int8`` → ``lowbit.export.litert.to_tflite`` (float input / output);
+* ``lowbit``: recipe ``litert-int8`` → ``lowbit.export.litert.to_tflite`` (float input / output, the default
+  float head: the classifier returns float logits); ``lowbit int8 head``: the same with ``head="int8"`` (int8
+  logits, every compute op int8, what ``--io int8`` gives apart from the interface);
 * ``litert-torch PT2E``: ``torch.export`` → ``prepare_pt2e`` with litert-torch's ``PT2EQuantizer`` (symmetric
   per-channel config, static) → calibration → ``convert_pt2e`` → ``litert_torch.convert`` in static Q/DQ mode;
 * ``fp32``: the float model converted by ``litert_torch.convert``.
@@ -18,6 +20,7 @@ parity of its PyTorch simulation with the interpreter. Writes ``bench/results/li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import sys
@@ -32,7 +35,7 @@ import torch  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.analysis import metrics  # noqa: E402
-from lowbit.export.litert import _convert, _static_quant_config, require_litert, to_tflite  # noqa: E402
+from lowbit.export.litert import _convert, _static_quant_config, float_head, require_litert, to_tflite  # noqa: E402
 from lowbit.export.litert_flatbuffer import float_interface, op_summary  # noqa: E402
 from lowbit.export.litert_runtime import latencies_ms, output_step, predictor  # noqa: E402
 from lowbit.report.litert import code_parity  # noqa: E402
@@ -98,6 +101,19 @@ def measure(name: str, files: dict[str, bytes], ref_name: str, x_eval: torch.Ten
     return outs, rows
 
 
+def parity_figures(q: torch.nn.Module, data: bytes, out: torch.Tensor, x_eval: torch.Tensor) -> dict:
+    """Simulation vs interpreter: codes within one step for int8 logits (``code_parity``); for float logits
+    (the float head, simulated under ``float_head``) values within one int8-equivalent step ``range / 255``."""
+    step = output_step(data)
+    with torch.no_grad(), (float_head(q) if step is None else contextlib.nullcontext()):
+        sim = torch.cat([q(chunk) for chunk in torch.split(x_eval, 32)])
+    par = code_parity(sim, out, step)
+    return {"parity_exact_fraction": float(((sim - out).abs() <= par.step * 1e-3).double().mean()),
+            "parity_fraction": par.fraction_within_step, "parity_max_abs_diff": par.max_abs_diff,
+            "parity_step": par.step, "parity_compared": "int8 codes" if step else "float logits",
+            "simulated_top1_agreement": metrics.top1_agreement(out, sim)}
+
+
 def run_model(name: str, quick: bool, repeats: int) -> list[dict]:
     zm = load_model(name)
     data = load_data(zm.default_data)
@@ -107,21 +123,17 @@ def run_model(name: str, quick: bool, repeats: int) -> list[dict]:
     example = zm.example_input[:1]
     t0 = time.perf_counter()
     q = lowbit.quantize(copy.deepcopy(zm.model).eval(), calib, lowbit.preset("litert-int8"), example)
-    lowbit_int8 = to_tflite(q, example)
+    lowbit_float_head = to_tflite(q, example)
     t_lowbit = time.perf_counter() - t0
+    lowbit_int8 = to_tflite(q, example, head="int8")
     fp32 = to_tflite(q, example, float_model=True)
     t0 = time.perf_counter()
     pt2e = pt2e_tflite(zm.model, example, calib)
     t_pt2e = time.perf_counter() - t0
-    files = {"fp32": fp32, "lowbit": lowbit_int8, "litert-torch PT2E": pt2e}
+    files = {"fp32": fp32, "lowbit": lowbit_float_head, "lowbit int8 head": lowbit_int8, "litert-torch PT2E": pt2e}
     outs, rows = measure(name, files, "fp32", x_eval, repeats)
-    with torch.no_grad():
-        sim = torch.cat([q(chunk) for chunk in torch.split(x_eval, 32)])
-    par = code_parity(sim, outs["lowbit"], output_step(lowbit_int8))
-    step = par.step
-    rows["lowbit"]["parity_exact_fraction"] = float(((sim - outs["lowbit"]).abs() <= step * 1e-3).double().mean())
-    rows["lowbit"]["parity_fraction"] = par.fraction_within_step
-    rows["lowbit"]["parity_max_abs_diff"] = par.max_abs_diff
+    for tool, tflite in (("lowbit int8 head", lowbit_int8), ("lowbit", lowbit_float_head)):
+        rows[tool].update(parity_figures(q, tflite, outs[tool], x_eval))
     rows["lowbit"]["quantize_convert_seconds"] = t_lowbit
     rows["litert-torch PT2E"]["quantize_convert_seconds"] = t_pt2e
     if data.eval_labels is not None:

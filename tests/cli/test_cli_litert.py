@@ -11,6 +11,7 @@ import pytest
 import lowbit
 from lowbit.cli.main import main
 from lowbit.export import litert as litert_export
+from lowbit.report.litert import HEAD_REASON
 
 FILES = ["model_fp32.tflite", "model_int8.tflite", "recipe.yaml", "report.json", "report.md", "trusted_inputs.npy",
          "trusted_labels.npy"]
@@ -42,7 +43,11 @@ def test_litert_run_writes_tflite_files_and_onnx_report_keys(litert_run):
         assert key in report, key
     assert report["target"] == "litert" and report["io"] == "float"
     assert report["parity_ok"] is True and report["parity"]["fraction_within_step"] >= 0.999
-    assert report["int8_coverage"] == 1.0 and report["float_layers"] == []
+    # default head=float: every compute op int8 but the classifier, listed with its reason
+    assert report["head"] == "float" and report["litert_ops_int8"]["float_ops"] == {"FULLY_CONNECTED": 1}
+    assert [f["op"] for f in report["float_layers"]] == ["FULLY_CONNECTED"]
+    assert report["float_layers"][0]["reason"] == HEAD_REASON
+    assert report["int8_coverage"] == 6 / 7 and report["extra_layout_ops"] == {}
     assert report["litert_ops_int8"]["int8_ops"]["CONV_2D"] >= 1
     assert report["metric_int8"] >= report["metric_fp32"] - 0.01
     assert report["size_bytes_int8"] < report["size_bytes_fp32"] / 2
@@ -60,7 +65,9 @@ def test_litert_int8_io(tmp_path):
     interp = make_interpreter(out / "model_int8.tflite")
     assert interp.get_input_details()[0]["dtype"] == np.int8
     assert interp.get_output_details()[0]["dtype"] == np.int8
-    assert json.loads((out / "report.json").read_text())["parity_ok"] is True
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity_ok"] is True and report["head"] == "int8"
+    assert report["int8_coverage"] == 1.0 and report["float_layers"] == []
 
 
 def test_existing_dir_is_not_overwritten_without_force(litert_run, capsys):

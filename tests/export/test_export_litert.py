@@ -15,7 +15,9 @@ pytest.importorskip("ai_edge_litert.interpreter", reason="LiteRT extra not insta
 pytest.importorskip("litert_torch", reason="LiteRT extra not installed: pip install 'lowbit[litert]'")
 
 import lowbit  # noqa: E402
-from lowbit.export.litert import LiteRTConversionError, conversion_error_line, to_tflite  # noqa: E402
+from lowbit.export.litert import (LiteRTConversionError, _convert, _dequantized_weight,  # noqa: E402
+                                  _static_quant_config, conversion_error_line, float_head, pt2e_form, to_tflite)
+from lowbit.export.litert_rewrite import int8_weights_behind_dequantize  # noqa: E402
 from lowbit.export.litert_flatbuffer import op_summary  # noqa: E402
 from lowbit.export.litert_runtime import make_interpreter, output_step, predictor  # noqa: E402
 from lowbit.export.runtime import parity  # noqa: E402
@@ -29,7 +31,8 @@ def digits_litert(digits):
     q = lowbit.quantize(copy.deepcopy(model).eval(), calib, lowbit.preset("litert-int8"), calib[:1])
     return {
         "q": q, "x": eval_x[:96],
-        "int8": to_tflite(q, calib[:1]),
+        "int8": to_tflite(q, calib[:1], head="int8"),
+        "head": to_tflite(q, calib[:1]),  # default: float logits
         "int8_io": to_tflite(q, calib[:1], io="int8"),
         "fp32": to_tflite(q, calib[:1], float_model=True),
     }
@@ -153,3 +156,33 @@ def test_converter_error_is_one_line_naming_the_op():
 def test_io_mode_is_checked(digits_litert):
     with pytest.raises(ValueError, match="io"):
         to_tflite(digits_litert["q"], digits_litert["x"][:1], io="uint8")
+
+
+def test_float_head_is_the_default_and_matches_simulation(digits_litert):
+    s = op_summary(digits_litert["head"])
+    assert s.float_ops == {"FULLY_CONNECTED": 1} and s.weight_dequantize == 1
+    assert s.output_types == ["FLOAT32"] and output_step(digits_litert["head"]) is None
+    x, q = digits_litert["x"], digits_litert["q"]
+    with torch.no_grad(), float_head(q):
+        sim = q(x)
+    out = predictor(digits_litert["head"])(x)
+    assert parity(sim, out).ok
+    assert (sim.argmax(1) == out.argmax(1)).float().mean() >= 0.99
+
+
+def test_int8_weights_behind_dequantize_are_bit_exact(digits_litert):
+    """The float head's weights as int8 codes + DEQUANTIZE give the very outputs of the float-weight file."""
+    m, x = copy.deepcopy(digits_litert["q"]), digits_litert["x"]
+    with float_head(m) as head, pt2e_form(m):
+        codes = _dequantized_weight(head[2])
+        raw = _convert(m, x[:1], _static_quant_config())
+    packed = int8_weights_behind_dequantize(raw, [codes])
+    assert op_summary(raw).weight_dequantize == 0 and op_summary(packed).weight_dequantize == 1
+    assert len(packed) < len(raw) - codes[0].size  # 4 bytes → 1 byte a weight
+    for xnnpack in (True, False):
+        assert torch.equal(predictor(raw, 1, xnnpack)(x), predictor(packed, 1, xnnpack)(x))
+
+
+def test_head_float_needs_float_io(digits_litert):
+    with pytest.raises(ValueError, match="head"):
+        to_tflite(digits_litert["q"], digits_litert["x"][:1], io="int8", head="float")

@@ -27,6 +27,7 @@ from torch import nn
 
 from lowbit.core import PerTensor
 from lowbit.export.litert_flatbuffer import float_interface
+from lowbit.export.litert_rewrite import fold_same_pads, int8_weights_behind_dequantize
 from lowbit.nn import QuantLayerMixin, TensorQuantizer, instance_overrides, quantizers_disabled
 from lowbit.nn.modules import INT32_MIN, INT32_MAX
 from lowbit.transforms.graph import is_zero_pad
@@ -167,6 +168,33 @@ def fold_zero_pads(gm: fx.GraphModule) -> int:
     return folded
 
 
+def head_quantizer(model: nn.Module) -> tuple[str, TensorQuantizer, QuantLayerMixin] | None:
+    """``(name, quantizer, layer)`` when the model's single output is a quantized ``nn.Linear``'s output run
+    through an active activation quantizer (a classifier's int8 logits), else None. Conv outputs (dense
+    prediction heads) are left int8: a float conv there would cost real time."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    out = next(n for n in model.graph.nodes if n.op == "output").args[0]
+    if not isinstance(out, fx.Node) or out.op != "call_module" or not out.args:
+        return None
+    quantizer, src = model.get_submodule(out.target), out.args[0]
+    if not isinstance(quantizer, TensorQuantizer) or not quantizer.is_active or not isinstance(src, fx.Node) \
+            or src.op != "call_module" or not isinstance(model.get_submodule(src.target), QuantLayerMixin) \
+            or not isinstance(model.get_submodule(src.target), nn.Linear):
+        return None
+    return out.target, quantizer, model.get_submodule(src.target)
+
+
+@contextlib.contextmanager
+def float_head(model: nn.Module):
+    """Within the block the model's output layer (see :func:`head_quantizer`) returns float: its int32
+    accumulator dequantized, ``y = s_in · s_w · Σ (q_x - z_x) q_w + b`` (what the ONNX Runtime target does),
+    instead of int8 codes. Yields the head's ``(name, quantizer, layer)`` or None (nothing changed)."""
+    head = head_quantizer(model)
+    with instance_overrides([(head[1], "enabled", False)] if head else []):
+        yield head
+
+
 def _static_quant_config():
     from litert_torch.quantize import pt2e_quantizer, quant_config
 
@@ -197,12 +225,21 @@ def conversion_error_line(exc: BaseException) -> str:
     return f"LiteRT converter rejected the model: {type(exc).__name__}: {lines[0][:300]}"
 
 
-def to_tflite(model: nn.Module, example: torch.Tensor, float_model: bool = False, io: str = "float") -> bytes:
+def to_tflite(model: nn.Module, example: torch.Tensor, float_model: bool = False, io: str = "float",
+              head: str | None = None) -> bytes:
     """The ``.tflite`` bytes of ``model`` (a converted lowbit model) for a batch-1 ``example``.
 
     ``float_model=True``: the same graph with every quantizer disabled (the float reference).
     ``io``: ``float`` (the int8 model quantizes its input and dequantizes its output itself) or ``int8`` (the
     app feeds int8 codes with the input's qparams and reads int8 codes).
+
+    ``head``: ``float`` (the default with ``io="float"``): the output layer (a classifier's FULLY_CONNECTED)
+    reads the dequantized int8 activations and returns float logits, its weights stored as int8 codes behind a
+    DEQUANTIZE (:func:`float_head`, :func:`lowbit.export.litert_rewrite.int8_weights_behind_dequantize`);
+    ``int8`` (the default and the only choice with ``io="int8"``): int8 logits, an all-int8 file.
+
+    Both files go through :func:`lowbit.export.litert_rewrite.fold_same_pads`: the asymmetric TensorFlow SAME
+    paddings (stride 2) the converter leaves as ``TRANSPOSE → PAD → TRANSPOSE`` become SAME convolutions.
     """
     if io not in ("float", "int8"):
         raise ValueError(f"io must be 'float' or 'int8', got {io!r}")
@@ -213,10 +250,45 @@ def to_tflite(model: nn.Module, example: torch.Tensor, float_model: bool = False
     example = example[:1]
     if float_model:
         with quantizers_disabled(model), pt2e_form(model):
-            return _convert(model, example)
-    with pt2e_form(model):
-        data = _convert(model, example, _static_quant_config())
+            return fold_same_pads(_convert(model, example))[0]
+    head = _check_head(io, head)
+    with (float_head(model) if head == "float" else contextlib.nullcontext()) as floated, pt2e_form(model):
+        codes = _dequantized_weight(floated[2]) if floated else None
+        data = fold_same_pads(_convert(model, example, _static_quant_config()))[0]
+    if codes is not None:
+        data = int8_weights_behind_dequantize(data, [codes])
     return float_interface(data) if io == "float" else data
+
+
+def _check_head(io: str, head: str | None) -> str:
+    """The head to export: ``float`` by default with float io, ``int8`` with int8 io (the only choice there)."""
+    head = head or ("float" if io == "float" else "int8")
+    if head not in ("float", "int8") or (io == "int8" and head == "float"):
+        raise ValueError(f"head must be 'float' or 'int8' ('int8' with io='int8'), got {head!r}")
+    return head
+
+
+def _dequantized_weight(layer: QuantLayerMixin) -> tuple:
+    """Set a float layer's weight (in a copy of the model) to its dequantized int8 value, ``float32(q) · s``:
+    the converter drops the quantize / dequantize of a float op's weight and would keep the unquantized one.
+    Returns the ``(codes, scales, axis)`` of :func:`_weight_codes`."""
+    codes, scales, axis = _weight_codes(layer)
+    shape = [-1 if d == axis else 1 for d in range(codes.ndim)] if scales.size > 1 else [1]
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(codes).float() * torch.from_numpy(scales).reshape(shape))
+    return codes, scales, axis
+
+
+def _weight_codes(layer: QuantLayerMixin) -> tuple:
+    """``(codes int8, scales float32, axis)`` of a layer's weight: the codes of the weight quantizer's own
+    output (its PT2E quantize → dequantize inside :func:`pt2e_form`), ``q = round(w_dq / s)``, exact."""
+    q = layer.weight_quantizer
+    axis = q.spec.granularity.axis % layer.weight.ndim if not isinstance(q.spec.granularity, PerTensor) else 0
+    scale = q.scale.detach().reshape(-1).to(torch.float32)
+    shape = [-1 if d == axis else 1 for d in range(layer.weight.ndim)] if scale.numel() > 1 else [1]
+    with torch.no_grad():
+        codes = torch.clamp(torch.round(q(layer.weight) / scale.reshape(shape)), q.spec.qmin, q.spec.qmax)
+    return codes.to(torch.int8).numpy(), scale.numpy(), axis
 
 
 def write_tflite(data: bytes, path: str | Path) -> Path:

@@ -54,6 +54,8 @@ class OpSummary:
     float_compute: list[dict] = field(default_factory=list)  # {"op", "output"} of float compute ops
     input_types: list[str] = field(default_factory=list)
     output_types: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    weight_dequantize: int = 0  # DEQUANTIZE ops of constants (int8 weights of a float layer), run once
 
     def coverage(self) -> float:
         """Share of compute ops (everything but conversions and data movement) that run in int8."""
@@ -65,7 +67,8 @@ class OpSummary:
         """JSON-ready form."""
         return {"op_types": dict(self.ops), "int8_ops": dict(self.int8_ops), "float_ops": dict(self.float_ops),
                 "int8_coverage": self.coverage(), "float_compute_ops": self.float_compute,
-                "input_types": self.input_types, "output_types": self.output_types}
+                "input_types": self.input_types, "output_types": self.output_types,
+                "output_names": self.output_names, "weight_dequantize": self.weight_dequantize}
 
 
 def op_summary(buf: bytes) -> OpSummary:
@@ -80,6 +83,7 @@ def op_summary(buf: bytes) -> OpSummary:
         ins = [types.get(sg.tensors[i].type) for i in (op.inputs if op.inputs is not None else []) if i >= 0]
         outs = [types.get(sg.tensors[i].type) for i in (op.outputs if op.outputs is not None else [])]
         if name in CONVERSION_OPS:
+            summary.weight_dequantize += int(name == "DEQUANTIZE" and _is_constant(model, sg, op.inputs[0]))
             continue
         if ins and ins[0] == "INT8" and outs and outs[0] == "INT8":
             summary.int8_ops[name] += 1
@@ -90,7 +94,14 @@ def op_summary(buf: bytes) -> OpSummary:
                 summary.float_compute.append({"op": name, "output": _text(out)})
     summary.input_types = [types.get(sg.tensors[i].type) for i in sg.inputs]
     summary.output_types = [types.get(sg.tensors[i].type) for i in sg.outputs]
+    summary.output_names = [_text(sg.tensors[i].name) for i in sg.outputs]
     return summary
+
+
+def _is_constant(model, sg, index: int) -> bool:
+    """The tensor has data in the file (a weight or other constant)."""
+    data = model.buffers[sg.tensors[index].buffer].data
+    return data is not None and len(data) > 0
 
 
 def _text(value) -> str:
@@ -127,8 +138,6 @@ def _op(opcode: int, inputs: list[int], outputs: list[int]):
 def float_interface(buf: bytes) -> bytes:
     """``buf`` with float32 inputs / outputs: a QUANTIZE before every int8 input, a DEQUANTIZE after every int8
     output (same qparams), signature entries pointing at the new tensors. Float tensors are left as they are."""
-    import flatbuffers
-
     schema = _schema()
     model = load_model(buf)
     sg = model.subgraphs[0]
@@ -150,6 +159,13 @@ def float_interface(buf: bytes) -> bytes:
     for sig in model.signatureDefs or []:
         for entry in list(sig.inputs or []) + list(sig.outputs or []):
             entry.tensorIndex = renamed.get(entry.tensorIndex, entry.tensorIndex)
-    builder = flatbuffers.Builder(len(buf) + 4096)
+    return pack(model, len(buf))
+
+
+def pack(model, size_hint: int = 1 << 20) -> bytes:
+    """The ``.tflite`` bytes of a schema object tree (``ModelT``), file identifier ``TFL3``."""
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size_hint + 4096)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
