@@ -46,6 +46,11 @@ def cpu_flags() -> dict[str, bool]:
     return {flag: flag in have for flag in CPU_FLAGS}
 
 
+def cpu_flag_list() -> list[str]:
+    """The flags of :data:`CPU_FLAGS` this CPU has, in that order."""
+    return [flag for flag, on in cpu_flags().items() if on]
+
+
 def stamp() -> dict:
     """Fields every result row carries."""
     return {"machine": machine(), "date": _dt.date.today().isoformat(), "lowbit_version": lowbit_version()}

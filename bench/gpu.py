@@ -39,27 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import stamp, write_results  # noqa: E402
+from _common import CPU_FLAGS, stamp, write_results  # noqa: E402
+from _common import cpu_flag_list as cpu_flags  # noqa: E402
 
 MODEL = "efficientnet-lite0"
 N_CALIB, N_EVAL, PASS_BATCHES = 64, 64, 2
 QUICK_CALIB, QUICK_EVAL, QUICK_PASS_BATCHES = 8, 16, 1
 ANALYZE_BUDGET_S = 30.0
 STEPS = ("calibrate", "gptq+bias_correction", "adaround+bias_correction", "analyze", "qat_epoch")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
 
 
 def say(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide CPU kernel speed."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [f for f in CPU_FLAGS if f in flags]
 
 
 def device_facts(device: torch.device) -> dict:

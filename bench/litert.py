@@ -29,7 +29,8 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import stamp, write_results  # noqa: E402
+from _common import CPU_FLAGS, stamp, write_results  # noqa: E402
+from _common import cpu_flag_list as cpu_flags  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -40,18 +41,6 @@ from lowbit.export.litert_flatbuffer import float_interface, op_summary  # noqa:
 from lowbit.export.litert_runtime import latencies_ms, output_step, predictor  # noqa: E402
 from lowbit.report.litert import code_parity  # noqa: E402
 from lowbit.zoo import load_data, load_model  # noqa: E402
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide int8 kernel speed on this CPU."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [f for f in CPU_FLAGS if f in flags]
-
 
 def pt2e_tflite(model: torch.nn.Module, example: torch.Tensor, calib: torch.Tensor) -> bytes:
     """litert-torch's own PT2E flow: its quantizer places and calibrates the Q/DQ ops, then static conversion."""
