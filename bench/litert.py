@@ -42,6 +42,7 @@ from lowbit.export.litert_runtime import latencies_ms, output_step, predictor  #
 from lowbit.report.litert import code_parity  # noqa: E402
 from lowbit.zoo import load_data, load_model  # noqa: E402
 
+
 def pt2e_tflite(model: torch.nn.Module, example: torch.Tensor, calib: torch.Tensor) -> bytes:
     """litert-torch's own PT2E flow: its quantizer places and calibrates the Q/DQ ops, then static conversion."""
     from litert_torch.quantize import pt2e_quantizer
