@@ -21,6 +21,7 @@ re-running the model up to each layer (:func:`lowbit.ptq.capture.run_until`).
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -123,14 +124,15 @@ class _Stepper:
 
     def __init__(self, graph: _Graph, loop: ForwardLoop, budget_bytes: int) -> None:
         self.graph, self.loop, self.budget = graph, loop, budget_bytes
+        # batches 0 .. len(envs)-1 keep a frontier; the rest (always a suffix) are replayed from the input
         self.envs: list[dict[fx.Node, Any]] = []
-        self.replayed: list[int] = []  # batch indices dropped from the frontier
+        self.batches = 0
         self.pos = 0
         self.peak = 0
         held = 0
-        for i, batch in enumerate(loop.batches()):
+        for batch in loop.batches():
+            self.batches += 1
             if self.envs and held > self.budget:
-                self.replayed.append(i)
                 continue
             env = graph.bind(batch)
             held += tensor_bytes(list(env.values()))
@@ -139,8 +141,9 @@ class _Stepper:
             raise ValueError("calibration data is empty: no batch was seen")
 
     @property
-    def batches(self) -> int:
-        return len(self.envs) + len(self.replayed)
+    def replayed(self) -> range:
+        """Indices of the batches without a kept frontier."""
+        return range(len(self.envs), self.batches)
 
     def advance(self, stop: int) -> None:
         """Run every resident frontier up to (not including) node ``stop``; drop frontiers over the budget."""
@@ -149,28 +152,13 @@ class _Stepper:
             self.graph.run(env, self.pos, stop)
             held += tensor_bytes(list(env.values()))
             if k > 0 and held > self.budget:
-                self._drop_from(k)
+                del self.envs[k:]
                 log.info("frontier over %.0f MiB at node %d: %d batch(es) replayed from the input",
                          self.budget / 2**20, stop, len(self.replayed))
                 held = sum(tensor_bytes(list(e.values())) for e in self.envs)
                 break
         self.peak = max(self.peak, held)
         self.pos = stop
-
-    def _drop_from(self, k: int) -> None:
-        """Drop the resident frontiers ``k, k+1, ...``; their batches are replayed from now on."""
-        self.replayed = sorted(self.replayed + self._indices()[k:])
-        del self.envs[k:]
-
-    def _indices(self) -> list[int]:
-        """Batch index of each resident frontier, in order."""
-        replayed = set(self.replayed)
-        out, i = [], 0
-        while len(out) < len(self.envs):
-            if i not in replayed:
-                out.append(i)
-            i += 1
-        return out
 
     def feed(self, index: int, layer: nn.Module, on_input: Callable | None = None,
              on_output: Callable | None = None) -> int:
@@ -185,17 +173,13 @@ class _Stepper:
                 on_output(layer(*args, **kwargs))
 
         with torch.no_grad():
-            if not self.replayed:
-                for env in self.envs:
-                    visit(env)
-                return self.batches
-            resident = dict(zip(self._indices(), self.envs))
-            for i, batch in enumerate(self.loop.batches()):  # batch order, so sums do not depend on the budget
-                env = resident.get(i)
-                if env is None:
+            for env in self.envs:  # batches in order (kept ones first), so sums do not depend on the budget
+                visit(env)
+            if self.replayed:
+                for batch in itertools.islice(self.loop.batches(), len(self.envs), None):
                     env = self.graph.bind(batch)
                     self.graph.run(env, 0, index)
-                visit(env)
+                    visit(env)
         return self.batches
 
 
