@@ -19,7 +19,7 @@ from lowbit.export.litert_flatbuffer import op_summary
 from lowbit.export.litert_runtime import latencies_ms, output_step, predictor
 from lowbit.export.runtime import ParityResult, parity
 from lowbit.report.evaluate import EvalSet, _metric, pair_figures, torch_predict
-from lowbit.report.render import float_layer_lines, op_counts
+from lowbit.report.render import accuracy_rows, float_layer_lines, op_counts, size_row
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,8 @@ def summary_rows(r: dict) -> list[tuple[str, str, str]]:
     """(measure, FP32, INT8) rows of the LiteRT report."""
     speed = r["latency_ms_fp32_b1"] / r["latency_ms_int8_b1"]
     return [
-        (f"metric ({r.get('metric_name', 'metric')})", f"{r['metric_fp32']:.4f}", f"{r['metric_int8']:.4f}"),
-        ("top-1 agreement with FP32", "1.0000", f"{r['top1_agreement']:.4f}"),
-        ("KL(FP32 ‖ INT8), nats", "0", f"{r['kl']:.5f}"),
-        ("output SQNR, dB (higher is better)", "∞", f"{r['sqnr_db']:.2f}"),
-        ("output cosine", "1.0000", f"{r['cosine']:.5f}"),
-        ("model size, bytes", f"{r['size_bytes_fp32']:,}",
-         f"{r['size_bytes_int8']:,} ({r['size_bytes_fp32'] / r['size_bytes_int8']:.2f}x smaller)"),
+        *accuracy_rows(r),
+        size_row(r),
         ("LiteRT latency batch 1, ms (median, XNNPACK)", f"{r['latency_ms_fp32_b1']:.3g}",
          f"{r['latency_ms_int8_b1']:.3g} ({speed:.2f}x)"),
         ("int8 coverage of compute ops", "", f"{r['int8_coverage'] * 100:.1f}%"),

@@ -45,18 +45,32 @@ def to_json(report: dict) -> str:
     return json.dumps(_json_safe(report), indent=2) + "\n"
 
 
-def summary_rows(r: dict) -> list[tuple[str, str, str]]:
-    """(measure, FP32, INT8) rows shared by the Markdown report and the terminal table."""
-    speed1 = r["latency_ms_fp32_b1"] / r["latency_ms_int8_b1"]
-    speed32 = r["latency_ms_fp32_b32"] / r["latency_ms_int8_b32"]
+def accuracy_rows(r: dict) -> list[tuple[str, str, str]]:
+    """(measure, FP32, INT8) rows of the output figures every target's report shows (metric, agreement, KL,
+    SQNR, cosine)."""
     return [
         (f"metric ({r.get('metric_name', 'metric')})", f"{r['metric_fp32']:.4f}", f"{r['metric_int8']:.4f}"),
         ("top-1 agreement with FP32", "1.0000", f"{r['top1_agreement']:.4f}"),
         ("KL(FP32 ‖ INT8), nats", "0", f"{r['kl']:.5f}"),
         ("output SQNR, dB (higher is better)", "∞", f"{r['sqnr_db']:.2f}"),
         ("output cosine", "1.0000", f"{r['cosine']:.5f}"),
+    ]
+
+
+def size_row(r: dict) -> tuple[str, str, str]:
+    """(measure, FP32, INT8) row of the two files' sizes."""
+    return ("model size, bytes", f"{r['size_bytes_fp32']:,}",
+            f"{r['size_bytes_int8']:,} ({r['size_bytes_fp32'] / r['size_bytes_int8']:.2f}x smaller)")
+
+
+def summary_rows(r: dict) -> list[tuple[str, str, str]]:
+    """(measure, FP32, INT8) rows shared by the Markdown report and the terminal table."""
+    speed1 = r["latency_ms_fp32_b1"] / r["latency_ms_int8_b1"]
+    speed32 = r["latency_ms_fp32_b32"] / r["latency_ms_int8_b32"]
+    return [
+        *accuracy_rows(r),
         ("output MSE", "0", f"{r['mse']:.3g}"),
-        ("model size, bytes", f"{r['size_bytes_fp32']:,}", f"{r['size_bytes_int8']:,} ({r['size_bytes_fp32'] / r['size_bytes_int8']:.2f}x smaller)"),
+        size_row(r),
         ("latency batch 1, ms (median)", f"{r['latency_ms_fp32_b1']:.2f}", f"{r['latency_ms_int8_b1']:.2f} ({speed1:.2f}x)"),
         ("latency batch 32, ms (median)", f"{r['latency_ms_fp32_b32']:.2f}", f"{r['latency_ms_int8_b32']:.2f} ({speed32:.2f}x)"),
     ]
