@@ -19,9 +19,8 @@ CUDA.
 from __future__ import annotations
 
 import copy
-import sys
 import numbers
-
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
